@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Build llama.cpp's own tools (llama-bench, …) from the sources vendored in the llama-cpp-python sdist.
+
+The baselines our benchmarks compare against must be the same llama.cpp, built with the same CPU flags
+as our wheel (edgellm/buildflags.py). Binaries are cached in ~/.cache/edgellm/tools/<key>/bin.
+
+    python benchmarks/llama_tools.py llama-bench [more targets]   # prints the binary paths
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from edgellm.buildflags import VERSION, cache_dir, cache_key, cmake_args, cpu_flags, has_cuda
+
+
+def sdist_dir() -> Path:
+    """The unpacked llama-cpp-python sdist (downloaded once with pip)."""
+    root = cache_dir() / "src"
+    src = root / f"llama_cpp_python-{VERSION}"
+    if (src / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
+        return src
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                        ":all:", "-d", tmp, f"llama-cpp-python=={VERSION}"], check=True)
+        (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        (Path(tmp) / src.name).replace(src)
+    return src
+
+
+def tool_paths(*targets: str) -> list[Path]:
+    args = [a for a in cmake_args(cpu_flags(), has_cuda()) if "BUILD_TOOLS" not in a]
+    key = cache_key(args)
+    bin_dir = cache_dir() / "tools" / key / "bin"
+    missing = [t for t in targets if not (bin_dir / t).exists()]
+    if missing:
+        src = sdist_dir() / "vendor" / "llama.cpp"
+        build = cache_dir() / "tools" / key / "build"
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+                        "-DLLAMA_BUILD_SERVER=OFF", *args], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
+                        "--target", *missing], check=True)
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for t in missing:
+            (build / "bin" / t).replace(bin_dir / t)
+    return [bin_dir / t for t in targets]
+
+
+if __name__ == "__main__":
+    for path in tool_paths(*(sys.argv[1:] or ["llama-bench"])):
+        print(path)

@@ -1,0 +1,373 @@
+"""The engine: one model and one context on llama-cpp-python's low-level API.
+
+Used by the CLI, the chat and the benchmarks alike. `generate` yields small records (text, token,
+stats) as tokens are decoded. The KV cache is kept between calls: a prompt that starts like the last
+one (the next turn of a chat) prefills only the tokens that are new.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp as C
+from gguf import GGMLQuantizationType
+
+from . import chat_template, llama_runtime
+from .errors import EdgeLLMError, InvalidModel
+from .gguf_info import ModelInfo, read_info
+from .sampling import Sampler, SamplingParams
+from .textstream import TextStream
+
+DEFAULT_CTX = 4096
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+
+
+def default_threads() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    n_ctx: int | None = None  # None: min(model's training context, DEFAULT_CTX)
+    n_threads: int | None = None  # None: physical cores
+    n_batch: int = 512
+    n_gpu_layers: int = 0
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool | None = None  # None: llama.cpp decides
+    n_seq_max: int = 1
+    use_mmap: bool = True
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0  # tokens in the prompt
+    prefilled_tokens: int = 0  # of those, decoded now (the rest were already in the KV cache)
+    generated_tokens: int = 0
+    drafted_tokens: int = 0  # proposed by a drafter (speculative decoding)
+    accepted_tokens: int = 0  # of those, accepted by the target
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # from the first sampled token to the last
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.prompt_tokens - self.prefilled_tokens
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first token comes out of the prefill; the decode phase makes the others
+        n = self.generated_tokens - 1
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens,
+            "reused_tokens": self.reused_tokens, "generated_tokens": self.generated_tokens,
+            "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
+            "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
+            "prefill_tps": round(self.prefill_tps, 2), "decode_tps": round(self.decode_tps, 2),
+        }
+
+
+@dataclass
+class Record:
+    """One step of a stream: the text it adds (may be empty mid-character), and where we are."""
+
+    text: str
+    token: int | None
+    stats: Stats
+    from_draft: bool = False
+    finish_reason: str | None = None  # set on the last record: "eog" | "stop" | "length" | "cancelled"
+
+
+@dataclass
+class _Batch:
+    """A reusable llama_batch for up to `capacity` tokens of sequence 0 (or given sequences)."""
+
+    capacity: int
+    n_seq_max: int = 1
+    raw: C.llama_batch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.raw = C.llama_batch_init(self.capacity, 0, self.n_seq_max)
+
+    def fill(self, tokens: Sequence[int], start_pos: int, logits_last: bool = True,
+             seq_id: int = 0, all_logits: bool = False) -> None:
+        b = self.raw
+        n = len(tokens)
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = start_pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_id
+            b.logits[i] = all_logits
+        if logits_last and n:
+            b.logits[n - 1] = True
+        b.n_tokens = n
+
+    def free(self) -> None:
+        if self.raw is not None:
+            C.llama_batch_free(self.raw)
+            self.raw = None
+
+
+class Engine:
+    def __init__(self, path: str | Path, options: LoadOptions | None = None) -> None:
+        self.options = options = options or LoadOptions()
+        self.info: ModelInfo = read_info(path)  # validate before handing the file to C
+        self.path = self.info.path
+        n_ctx_train = self.info.n_ctx_train or DEFAULT_CTX
+        n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CTX)
+        if n_ctx > n_ctx_train:
+            raise EdgeLLMError(f"context {n_ctx} is larger than the model's training context "
+                               f"({n_ctx_train}); use --ctx {n_ctx_train} or less")
+        for name in (options.type_k, options.type_v):
+            if name not in KV_TYPES:
+                raise EdgeLLMError(f"unknown KV cache type {name!r}; use one of {', '.join(KV_TYPES)}")
+        self.n_threads = options.n_threads or default_threads()
+        self._lock = threading.Lock()
+
+        llama_runtime.init()
+        mparams = C.llama_model_default_params()
+        mparams.n_gpu_layers = options.n_gpu_layers
+        mparams.use_mmap = options.use_mmap
+        self.model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            why = llama_runtime.last_error.split(": ", 1)[-1] or "unsupported or corrupt"
+            raise InvalidModel(f"llama.cpp could not load {self.path} (architecture {self.info.arch!r}): "
+                               f"{why}")
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = min(options.n_batch, n_ctx)
+        cparams.n_seq_max = options.n_seq_max
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.type_k = GGMLQuantizationType[options.type_k.upper()].value
+        cparams.type_v = GGMLQuantizationType[options.type_v.upper()].value
+        if options.flash_attn is not None:
+            cparams.flash_attn_type = (C.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn
+                                       else C.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self.ctx = C.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            C.llama_model_free(self.model)
+            self.model = None
+            raise EdgeLLMError(f"could not create a context of {n_ctx} tokens for {self.path.name} "
+                               "(out of memory?); try a smaller --ctx or a quantized KV cache")
+        self.n_ctx = C.llama_n_ctx(self.ctx)
+        self.n_batch = C.llama_n_batch(self.ctx)
+        self.vocab = C.llama_model_get_vocab(self.model)
+        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self.memory = C.llama_get_memory(self.ctx)
+        self.kv_tokens: list[int] = []  # what sequence 0 of the KV cache holds, position by position
+        self._batch = _Batch(self.n_batch, options.n_seq_max)
+        self._piece = ctypes.create_string_buffer(256)
+        self._token_bytes: dict[int, bytes] = {}
+
+    @classmethod
+    def load(cls, spec: str | None = None, **options) -> Engine:
+        from .models import resolve
+
+        return cls(resolve(spec), LoadOptions(**options))
+
+    # -- tokens and text --------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (C.llama_token * n_max)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            buf = (C.llama_token * -n)()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        cached = self._token_bytes.get(token) if not special else None
+        if cached is not None:
+            return cached
+        n = C.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:  # a piece longer than the buffer
+            self._piece = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        out = self._piece.raw[:n]
+        if not special:
+            self._token_bytes[token] = out
+        return out
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    def special_text(self, token: int) -> str:
+        return "" if token < 0 else self.token_bytes(token, special=True).decode("utf-8", "replace")
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(C.llama_vocab_get_add_bos(self.vocab))
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return chat_template.render(
+            self.info.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.special_text(C.llama_vocab_bos(self.vocab)),
+            eos_token=self.special_text(C.llama_vocab_eos(self.vocab)))
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.render_chat(messages)
+        bos = self.special_text(C.llama_vocab_bos(self.vocab))
+        # Templates that write the BOS text themselves must not get a second one from the tokenizer.
+        add_special = not (bos and text.startswith(bos))
+        return self.tokenize(text, add_special=add_special, parse_special=True)
+
+    # -- the KV cache -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        C.llama_memory_clear(self.memory, True)
+        self.kv_tokens = []
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n positions of sequence 0; drop the rest."""
+        if n >= len(self.kv_tokens):
+            return
+        if not C.llama_memory_seq_rm(self.memory, 0, n, -1):
+            self.reset()  # some caches (recurrent, sliding-window) cannot drop a tail
+            return
+        del self.kv_tokens[n:]
+
+    def decode(self, tokens: Sequence[int], all_logits: bool = False) -> None:
+        """Append tokens to sequence 0 in batches of n_batch; logits for the last (or every) token."""
+        if len(self.kv_tokens) + len(tokens) > self.n_ctx:
+            raise EdgeLLMError(f"context full: {len(self.kv_tokens) + len(tokens)} tokens do not fit in "
+                               f"{self.n_ctx}; use a larger --ctx or a shorter prompt")
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last = start + len(chunk) == len(tokens)
+            self._batch.fill(chunk, len(self.kv_tokens), logits_last=last, all_logits=all_logits)
+            rc = C.llama_decode(self.ctx, self._batch.raw)
+            if rc != 0:
+                raise EdgeLLMError(f"llama_decode failed with code {rc} "
+                                   f"({'KV cache full' if rc == 1 else 'compute error'})")
+            self.kv_tokens.extend(chunk)
+
+    def prefill(self, tokens: Sequence[int]) -> int:
+        """Make the KV cache hold `tokens` with logits for the last one; return how many were decoded."""
+        if not tokens:
+            raise EdgeLLMError("empty prompt")
+        if len(tokens) >= self.n_ctx:
+            raise EdgeLLMError(f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                               "use a larger --ctx or a shorter prompt")
+        common = 0
+        for a, b in zip(self.kv_tokens, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last token is decoded again for its logits
+        self.truncate(common)
+        new = tokens[len(self.kv_tokens):]
+        self.decode(new)
+        return len(new)
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
+                 max_tokens: int = 256, stop: Sequence[str] = (),
+                 cancel: threading.Event | None = None, ignore_eog: bool = False) -> Iterator[Record]:
+        """Stream the continuation of `prompt` (token ids), one record per sampled token.
+
+        `ignore_eog` keeps going past end-of-generation tokens (benchmarks want a fixed length).
+        """
+        sampling = sampling or SamplingParams()
+        with self._lock:
+            yield from self._generate(list(prompt), sampling, max_tokens, stop, cancel, ignore_eog)
+
+    def _generate(self, prompt: list[int], sampling: SamplingParams, max_tokens: int,
+                  stop: Sequence[str], cancel: threading.Event | None,
+                  ignore_eog: bool) -> Iterator[Record]:
+        stats = Stats(prompt_tokens=len(prompt))
+        t0 = time.perf_counter()
+        stats.prefilled_tokens = self.prefill(prompt)
+        stats.prefill_s = time.perf_counter() - t0
+        sampler = Sampler(sampling, self.n_vocab, prompt)
+        text = TextStream(stop)
+        batch, ctx, vocab = self._batch, self.ctx, self.vocab
+        b = batch.raw
+        # A one-token batch is reused: per token only its id and position change.
+        b.n_tokens = 1
+        b.n_seq_id[0] = 1
+        b.seq_id[0][0] = 0
+        b.logits[0] = True
+        t_first = time.perf_counter()
+        finish = "length"
+        try:
+            for i in range(max_tokens):
+                token = sampler.sample(ctx, -1)
+                if i == 0:
+                    t_first = time.perf_counter()
+                if not ignore_eog and C.llama_vocab_is_eog(vocab, token):
+                    finish = "eog"
+                    break
+                stats.generated_tokens += 1
+                piece = text.push(self.token_bytes(token))
+                last = text.stopped or i == max_tokens - 1
+                if not last:
+                    if cancel is not None and cancel.is_set():
+                        finish, last = "cancelled", True
+                    elif len(self.kv_tokens) >= self.n_ctx:
+                        last = True  # context full: stop with finish "length"
+                if text.stopped:
+                    finish = "stop"
+                if last:
+                    stats.decode_s = time.perf_counter() - t_first
+                    yield Record(piece + text.flush(), token, stats, finish_reason=finish)
+                    return
+                b.token[0] = token
+                b.pos[0] = len(self.kv_tokens)
+                rc = C.llama_decode(ctx, b)
+                if rc != 0:
+                    raise EdgeLLMError(f"llama_decode failed with code {rc}")
+                self.kv_tokens.append(token)
+                stats.decode_s = time.perf_counter() - t_first
+                yield Record(piece, token, stats)
+            stats.decode_s = time.perf_counter() - t_first
+            yield Record(text.flush(), None, stats, finish_reason=finish)
+        finally:
+            sampler.close()
+
+    def complete(self, prompt: str, **kwargs) -> Iterator[Record]:
+        return self.generate(self.tokenize(prompt), **kwargs)
+
+    def chat(self, messages: list[dict[str, str]], **kwargs) -> Iterator[Record]:
+        return self.generate(self.chat_tokens(messages), **kwargs)
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self._batch.free()
+            self._batch = None
+        if getattr(self, "ctx", None):
+            C.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            C.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

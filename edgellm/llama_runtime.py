@@ -1,0 +1,47 @@
+"""Process-wide llama.cpp set-up: backend init once, and its log routed to Python's logging.
+
+llama.cpp prints hundreds of lines per model load; they go to the `edgellm.llama` logger at DEBUG
+(shown with EDGELLM_VERBOSE=1) instead of the user's terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import llama_cpp as C
+
+log = logging.getLogger("edgellm.llama")
+_ready = False
+GGML_LOG_LEVEL_ERROR = 4
+last_error = ""  # llama.cpp's last error line, to explain a failed load in one line
+
+
+@C.llama_log_callback
+def _on_log(level: int, text: bytes, _user: object) -> None:
+    global last_error
+    line = text.decode("utf-8", errors="replace") if text else ""
+    if os.environ.get("EDGELLM_VERBOSE"):
+        sys.stderr.write(line)
+    if level == GGML_LOG_LEVEL_ERROR and line.strip():
+        last_error = line.strip()
+        log.debug(last_error)
+
+
+def init() -> None:
+    global _ready
+    if _ready:
+        return
+    C.llama_log_set(_on_log, None)
+    C.llama_backend_init()
+    _ready = True
+
+
+def system_info() -> str:
+    init()
+    return C.llama_print_system_info().decode()
+
+
+def supports_gpu_offload() -> bool:
+    return bool(C.llama_supports_gpu_offload())

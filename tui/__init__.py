@@ -1,0 +1,1 @@
+"""The Textual chat app (`edgellm chat` on a terminal)."""
