@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 
 from platformdirs import user_data_dir

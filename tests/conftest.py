@@ -1,0 +1,43 @@
+"""Shared fixtures: the embedded SmolLM2 model, one engine for the session, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgellm.engine import Engine, LoadOptions
+from edgellm.models import resolve
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def engine(smollm2: Path):
+    with Engine(smollm2, LoadOptions(n_ctx=2048, n_threads=2)) as e:
+        yield e
+
+
+@pytest.fixture
+def fresh_engine(engine: Engine) -> Engine:
+    engine.reset()
+    return engine
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The installed CLI in a real subprocess, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True, text=True,
+                          env=full_env, input=input if input is not None else "", timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
