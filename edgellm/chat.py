@@ -29,7 +29,8 @@ def main(a: argparse.Namespace) -> int:
         except ImportError:  # the Textual app is not there yet: line mode
             pass
         else:
-            return run_app(path, load_options(a), sampling_params(a), a.max_tokens, a.system)
+            return run_app(path, load_options(a), sampling_params(a), a.max_tokens, a.system,
+                           tuple(a.stop))
     engine = Engine(path, load_options(a))
     session = ChatSession(engine, sampling_params(a), a.max_tokens, a.system, tuple(a.stop))
     return plain_chat(session, interactive)
