@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp as C
+import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import chat_template, llama_runtime
@@ -54,6 +55,7 @@ class Stats:
     generated_tokens: int = 0
     drafted_tokens: int = 0  # proposed by a drafter (speculative decoding)
     accepted_tokens: int = 0  # of those, accepted by the target
+    draft_steps: int = 0  # verifications that carried a draft
     prefill_s: float = 0.0
     decode_s: float = 0.0  # from the first sampled token to the last
 
@@ -75,11 +77,17 @@ class Stats:
     def acceptance(self) -> float:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
+    @property
+    def mean_accepted(self) -> float:
+        """Drafted tokens accepted per verification that carried a draft."""
+        return self.accepted_tokens / self.draft_steps if self.draft_steps else 0.0
+
     def as_dict(self) -> dict[str, float | int]:
         return {
             "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens,
             "reused_tokens": self.reused_tokens, "generated_tokens": self.generated_tokens,
             "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
+            "draft_steps": self.draft_steps, "acceptance": round(self.acceptance, 4),
             "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
             "prefill_tps": round(self.prefill_tps, 2), "decode_tps": round(self.decode_tps, 2),
         }
@@ -211,6 +219,10 @@ class Engine:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
 
+    def logits(self, index: int = -1) -> np.ndarray:
+        """Output row `index` of the last decoded batch (-1: the last), as a numpy view."""
+        return np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 
@@ -284,14 +296,22 @@ class Engine:
     # -- generation -------------------------------------------------------------------------------
     def generate(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
                  max_tokens: int = 256, stop: Sequence[str] = (),
-                 cancel: threading.Event | None = None, ignore_eog: bool = False) -> Iterator[Record]:
+                 cancel: threading.Event | None = None, ignore_eog: bool = False,
+                 speculator=None) -> Iterator[Record]:
         """Stream the continuation of `prompt` (token ids), one record per sampled token.
 
         `ignore_eog` keeps going past end-of-generation tokens (benchmarks want a fixed length).
+        `speculator` (speculative.setup.make_speculator) drafts tokens for the target to verify.
         """
         sampling = sampling or SamplingParams()
         with self._lock:
-            yield from self._generate(list(prompt), sampling, max_tokens, stop, cancel, ignore_eog)
+            if speculator is None:
+                yield from self._generate(list(prompt), sampling, max_tokens, stop, cancel, ignore_eog)
+            else:
+                from .speculative import decode
+
+                yield from decode.generate(self, prompt, speculator.drafter, speculator.policy,
+                                           sampling, max_tokens, stop, cancel, ignore_eog)
 
     def _generate(self, prompt: list[int], sampling: SamplingParams, max_tokens: int,
                   stop: Sequence[str], cancel: threading.Event | None,

@@ -80,3 +80,35 @@ class Sampler:
 
     def __del__(self) -> None:
         self.close()
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution the native chain samples from, as a vector: top-k, top-p, min-p, temperature.
+
+    Same order and rules as llama.cpp's samplers (top-p and min-p see the candidates left by the
+    previous step, before temperature). Speculative sampling needs p itself, not one sample of it.
+    """
+    x = logits.astype(np.float64)
+    keep = np.ones(x.shape[0], dtype=bool)
+    if params.top_k > 0 and params.top_k < x.shape[0]:
+        cut = np.partition(x, -params.top_k)[-params.top_k]
+        keep &= x >= cut
+        if keep.sum() > params.top_k:  # ties at the cut: keep the first top_k by index, like a stable sort
+            idx = np.flatnonzero(keep)
+            order = idx[np.argsort(-x[idx], kind="stable")][:params.top_k]
+            keep[:] = False
+            keep[order] = True
+    if params.top_p < 1.0:
+        idx = np.flatnonzero(keep)
+        order = idx[np.argsort(-x[idx], kind="stable")]
+        p = np.exp(x[order] - x[order[0]])
+        p /= p.sum()
+        n = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
+        keep[:] = False
+        keep[order[:max(1, n)]] = True
+    if params.min_p > 0.0:
+        top = x[keep].max()
+        keep &= x >= top + np.log(params.min_p)
+    z = np.where(keep, x / params.temperature, -np.inf)
+    p = np.exp(z - z.max())
+    return p / p.sum()

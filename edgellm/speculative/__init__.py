@@ -1,0 +1,1 @@
+"""Speculative decoding: drafters, verification with KV rollback, a cost-aware adaptive policy."""

@@ -1,0 +1,168 @@
+"""Speculative generation: drafters propose, the target verifies the whole draft in one batch.
+
+Greedy: a drafted token is kept while it equals the target's argmax at its position. Sampling: a
+drafted token d is kept with probability p(d) (the drafts are deterministic, so q(d) = 1), else the
+target samples from p with d removed; either way the output follows the target's distribution
+exactly. Rejected tokens leave the KV cache (llama_memory_seq_rm) before the next step, so the cache
+always holds exactly the accepted text.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ..engine import Engine, Record, Stats
+from ..errors import EdgeLLMError
+from ..sampling import SamplingParams, probabilities
+from ..textstream import TextStream
+from .drafters import Drafter
+from .policy import Policy
+
+
+class _Picker:
+    """The target's choice at one output row, greedy or by rejection sampling against a draft token."""
+
+    def __init__(self, engine: Engine, sampling: SamplingParams) -> None:
+        self.engine, self.sampling = engine, sampling
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        self.rng = np.random.default_rng(seed)
+
+    def pick(self, row: int) -> int:
+        logits = self.engine.logits(row)
+        if self.sampling.greedy:
+            return int(logits.argmax())
+        p = probabilities(logits, self.sampling)
+        return int(self.rng.choice(p.shape[0], p=p))
+
+    def verify(self, row: int, draft: int) -> tuple[bool, int]:
+        """(kept, token): keep the drafted token, or the token the target puts in its place."""
+        logits = self.engine.logits(row)
+        if self.sampling.greedy:
+            best = int(logits.argmax())
+            return best == draft, best
+        p = probabilities(logits, self.sampling)
+        if self.rng.random() < p[draft]:
+            return True, draft
+        p[draft] = 0.0
+        total = p.sum()
+        if total <= 0:  # p was a point mass on the draft; cannot happen after a rejection
+            return True, draft
+        return False, int(self.rng.choice(p.shape[0], p=p / total))
+
+
+def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Policy,
+             sampling: SamplingParams, max_tokens: int, stop: Sequence[str] = (),
+             cancel: threading.Event | None = None, ignore_eog: bool = False) -> Iterator[Record]:
+    prompt = list(prompt)
+    if sampling.repeat_penalty != 1.0:
+        raise EdgeLLMError("speculative decoding does not support --repeat-penalty; use --draft off")
+    stats = Stats(prompt_tokens=len(prompt))
+    t0 = time.perf_counter()
+    stats.prefilled_tokens = engine.prefill(prompt)
+    stats.prefill_s = time.perf_counter() - t0
+    drafter.start(prompt)
+    parts: Sequence[Drafter] = getattr(drafter, "parts", (drafter,))
+    picker = _Picker(engine, sampling)
+    text = TextStream(stop)
+    tokens = list(prompt)  # the context: the KV cache holds all of it (the pending token is not in it)
+    pending = picker.pick(-1)
+    t_first = time.perf_counter()
+    in_run: dict[str, bool] = {}  # per source: was its last draft accepted whole?
+    # Each source's latest proposal is scored against the text that follows, verified or not, as if
+    # all of it had been verified: the policy learns for free, also while it keeps a source off.
+    scoring: dict[int, tuple[str, list[int], int]] = {}  # id -> (stats key, proposal, where it starts)
+
+    def score() -> None:
+        for entry, (key, proposal, start) in list(scoring.items()):
+            seen = tokens[start:start + len(proposal)]
+            matched = next((i for i, (a, b) in enumerate(zip(seen, proposal, strict=False)) if a != b),
+                           len(seen))
+            final = matched < len(seen) or len(seen) == len(proposal)
+            policy.update(key, len(proposal), matched, entry, final)
+            if final:
+                del scoring[entry]
+
+    def emit(token: int, from_draft: bool) -> Record:
+        nonlocal finish
+        stats.generated_tokens += 1
+        piece = text.push(engine.token_bytes(token))
+        if text.stopped:
+            finish = "stop"
+        elif stats.generated_tokens >= max_tokens:
+            finish = "length"
+        elif cancel is not None and cancel.is_set():
+            finish = "cancelled"
+        elif len(tokens) + 1 >= engine.n_ctx:
+            finish = "length"
+        stats.decode_s = time.perf_counter() - t_first
+        if finish:
+            piece += text.flush()
+        return Record(piece, token, stats, from_draft=from_draft, finish_reason=finish)
+
+    finish: str | None = None
+    while True:
+        if not ignore_eog and engine.is_eog(pending):
+            stats.decode_s = time.perf_counter() - t_first
+            yield Record(text.flush(), None, stats, finish_reason="eog")
+            return
+        yield emit(pending, False)
+        if finish:
+            return
+        tokens.append(pending)
+        score()
+
+        # draft: the first source with a proposal worth verifying
+        room = min(max_tokens - stats.generated_tokens, engine.n_ctx - len(tokens) - 1, policy.max_draft)
+        draft: list[int] = []
+        source = ""
+        for part in parts:
+            if room <= 0:
+                break
+            want = room if not part.costly else policy.choose(f"{part.name}:new", room)
+            if want <= 0:
+                continue
+            t_draft = time.perf_counter()
+            proposal = part.propose(tokens, want)
+            if part.costly and proposal:
+                seconds = (time.perf_counter() - t_draft) / len(proposal)
+                for state in ("new", "run"):
+                    policy.observe_draft_cost(f"{part.name}:{state}", seconds)
+            if proposal:
+                source = f"{part.name}:{'run' if in_run.get(part.name) else 'new'}"
+                k = policy.choose(source, len(proposal)) if not part.costly else len(proposal)
+                scoring[len(tokens)] = (source, proposal, len(tokens))
+                draft = proposal[:k]
+                break
+
+        # verify: the pending token and the draft in one batch, logits for every position
+        t_batch = time.perf_counter()
+        engine.decode([pending, *draft], all_logits=bool(draft))
+        policy.curve.observe(len(draft) + 1, time.perf_counter() - t_batch)
+        accepted = 0
+        for i, token in enumerate(draft):
+            kept, pending = picker.verify(i, token)
+            if not kept:
+                break
+            if not ignore_eog and engine.is_eog(token):
+                pending = token
+                break
+            accepted += 1
+            stats.accepted_tokens += 1
+            yield emit(token, True)
+            if finish:
+                return
+            tokens.append(token)
+        else:
+            pending = picker.pick(len(draft) if draft else -1)
+        if draft:
+            stats.drafted_tokens += len(draft)
+            stats.draft_steps += 1
+            engine.truncate(len(tokens))  # drop the rejected drafts from the KV cache
+            in_run[source.split(":")[0]] = accepted == len(draft)
+            score()
+        drafter.feedback(tokens, accepted)

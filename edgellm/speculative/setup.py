@@ -1,0 +1,61 @@
+"""`--draft MODEL|auto|ngram|edit|off` -> a drafter and its policy for a target engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engine import Engine, LoadOptions
+from ..errors import EdgeLLMError, ModelNotFound
+from ..models import resolve
+from .costs import load_or_measure
+from .drafters import Combined, Drafter, DraftModel, EditAwareLookup, PromptLookup, check_vocab_compatible
+from .policy import Policy
+
+# a target's smaller sibling with the same vocabulary, used by --draft auto when it is present
+SIBLINGS = {"Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf": "qwen2.5-coder-0.5b"}
+
+
+@dataclass
+class Speculator:
+    drafter: Drafter
+    policy: Policy
+    draft_engine: Engine | None = None
+
+    def close(self) -> None:
+        if self.draft_engine is not None:
+            self.draft_engine.close()
+
+
+def _draft_engine(target: Engine, spec: str) -> Engine:
+    draft = Engine(resolve(spec), LoadOptions(n_ctx=target.n_ctx, n_threads=target.n_threads,
+                                              n_gpu_layers=target.options.n_gpu_layers))
+    try:
+        check_vocab_compatible(target, draft)
+    except EdgeLLMError:
+        draft.close()
+        raise
+    return draft
+
+
+def make_speculator(target: Engine, spec: str | None, max_draft: int = 32) -> Speculator | None:
+    spec = (spec or "off").strip()
+    if spec == "off":
+        return None
+    draft_engine = None
+    if spec == "ngram":
+        drafter: Drafter = PromptLookup()
+    elif spec in ("edit", "lookup"):
+        drafter = EditAwareLookup()
+    elif spec == "auto":
+        drafter = EditAwareLookup()
+        sibling = SIBLINGS.get(target.path.name)
+        if sibling:
+            try:
+                draft_engine = _draft_engine(target, sibling)
+                drafter = Combined(drafter, DraftModel(draft_engine))
+            except ModelNotFound:
+                pass
+    else:
+        draft_engine = _draft_engine(target, spec)
+        drafter = Combined(EditAwareLookup(), DraftModel(draft_engine))
+    return Speculator(drafter, Policy(load_or_measure(target), max_draft=max_draft), draft_engine)
