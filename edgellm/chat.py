@@ -9,6 +9,7 @@ from .engine import Engine
 from .models import resolve
 from .options import add_model_arguments, add_sampling_arguments, load_options, sampling_params
 from .session import ChatSession
+from .speculative.setup import make_speculator
 
 HELP = "commands: /reset (new conversation), /stats (last reply's speed), /exit"
 
@@ -30,9 +31,10 @@ def main(a: argparse.Namespace) -> int:
             pass
         else:
             return run_app(path, load_options(a), sampling_params(a), a.max_tokens, a.system,
-                           tuple(a.stop))
+                           tuple(a.stop), a.draft)
     engine = Engine(path, load_options(a))
-    session = ChatSession(engine, sampling_params(a), a.max_tokens, a.system, tuple(a.stop))
+    session = ChatSession(engine, sampling_params(a), a.max_tokens, a.system, tuple(a.stop),
+                          speculator=make_speculator(engine, a.draft))
     return plain_chat(session, interactive)
 
 

@@ -56,6 +56,7 @@ class Stats:
     drafted_tokens: int = 0  # proposed by a drafter (speculative decoding)
     accepted_tokens: int = 0  # of those, accepted by the target
     draft_steps: int = 0  # verifications that carried a draft
+    plain_estimate_s: float = 0.0  # what plain decoding would have taken (speculative: from the cost curve)
     prefill_s: float = 0.0
     decode_s: float = 0.0  # from the first sampled token to the last
 
@@ -78,6 +79,11 @@ class Stats:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
+    def speedup(self) -> float:
+        """Estimated speedup over plain decoding (speculative decoding only; 0 otherwise)."""
+        return self.plain_estimate_s / self.decode_s if self.plain_estimate_s and self.decode_s else 0.0
+
+    @property
     def mean_accepted(self) -> float:
         """Drafted tokens accepted per verification that carried a draft."""
         return self.accepted_tokens / self.draft_steps if self.draft_steps else 0.0
@@ -88,6 +94,7 @@ class Stats:
             "reused_tokens": self.reused_tokens, "generated_tokens": self.generated_tokens,
             "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
             "draft_steps": self.draft_steps, "acceptance": round(self.acceptance, 4),
+            "mean_accepted": round(self.mean_accepted, 2), "speedup": round(self.speedup, 3),
             "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
             "prefill_tps": round(self.prefill_tps, 2), "decode_tps": round(self.decode_tps, 2),
         }

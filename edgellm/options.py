@@ -32,6 +32,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("-n", "--max-tokens", type=int, default=512, help="most tokens to generate")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--draft", default="off", metavar="MODEL|auto|edit|ngram|off",
+                   help="speculative decoding: a draft model, auto (edit-aware lookup, plus the target's "
+                        "small sibling when present), edit (edit-aware lookup), ngram (prompt lookup), "
+                        "or off (default)")
 
 
 def load_options(a: argparse.Namespace) -> LoadOptions:

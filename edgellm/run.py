@@ -9,6 +9,7 @@ import sys
 from .engine import Engine
 from .models import resolve
 from .options import add_model_arguments, add_sampling_arguments, load_options, sampling_params
+from .speculative.setup import make_speculator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,9 +33,10 @@ def main(a: argparse.Namespace) -> int:
     else:
         messages = [{"role": "system", "content": a.system}] if a.system else []
         tokens = engine.chat_tokens([*messages, {"role": "user", "content": prompt}])
+    speculator = make_speculator(engine, a.draft)
     text, record = [], None
     for record in engine.generate(tokens, sampling=sampling_params(a), max_tokens=a.max_tokens,
-                                  stop=a.stop):
+                                  stop=a.stop, speculator=speculator):
         if a.json:
             text.append(record.text)
         else:
@@ -47,5 +49,7 @@ def main(a: argparse.Namespace) -> int:
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+    if speculator is not None:
+        speculator.close()
     engine.close()
     return 0

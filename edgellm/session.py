@@ -9,6 +9,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .engine import Engine, Record
 from .sampling import SamplingParams
@@ -22,6 +23,7 @@ class ChatSession:
     system: str | None = None
     stop: tuple[str, ...] = ()
     messages: list[dict[str, str]] = field(default_factory=list)
+    speculator: Any = None  # speculative.setup.Speculator, or None for plain decoding
 
     def __post_init__(self) -> None:
         if self.system and not self.messages:
@@ -35,8 +37,8 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         reply = []
         try:
-            for record in self.engine.chat(self.messages, sampling=self.sampling,
-                                           max_tokens=self.max_tokens, stop=self.stop, cancel=cancel):
+            for record in self.engine.chat(self.messages, sampling=self.sampling, max_tokens=self.max_tokens,
+                                           stop=self.stop, cancel=cancel, speculator=self.speculator):
                 reply.append(record.text)
                 yield record
         except BaseException:

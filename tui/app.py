@@ -19,6 +19,7 @@ from ..engine import Engine, LoadOptions, Record
 from ..errors import EdgeLLMError
 from ..sampling import SamplingParams
 from ..session import ChatSession
+from ..speculative.setup import make_speculator
 from .widgets import Bubble, ReplyFinished, StatusLine
 
 
@@ -27,7 +28,8 @@ def summarize(record: Record) -> str:
     text = (f"{s.generated_tokens} tokens · {s.decode_tps:.1f} t/s · prompt {s.prompt_tokens} "
             f"({s.reused_tokens} reused) · {record.finish_reason}")
     if s.drafted_tokens:
-        text += f" · draft accepted {s.acceptance:.0%}"
+        text += (f" · draft accepted {s.acceptance:.0%} ({s.mean_accepted:.1f}/step)"
+                 f" · ~{s.speedup:.2f}x")
     return text
 
 
@@ -69,7 +71,13 @@ class ChatApp(App[int]):
         except EdgeLLMError as e:
             self.call_from_thread(self.exit, 1, 1, f"edgellm: {e}")
             return
-        self.session = ChatSession(engine, **self._session_args)
+        args = dict(self._session_args)
+        try:
+            speculator = make_speculator(engine, args.pop("draft", "off"))
+        except EdgeLLMError as e:
+            self.call_from_thread(self.exit, 1, 1, f"edgellm: {e}")
+            return
+        self.session = ChatSession(engine, speculator=speculator, **args)
         self.call_from_thread(self.engine_ready)
 
     def engine_ready(self) -> None:
@@ -133,7 +141,7 @@ class ChatApp(App[int]):
 
 
 def run_app(model: Path, options: LoadOptions, sampling: SamplingParams, max_tokens: int,
-            system: str | None, stop: tuple[str, ...] = ()) -> int:
+            system: str | None, stop: tuple[str, ...] = (), draft: str = "off") -> int:
     app = ChatApp(model=model, options=options, session_args={
-        "sampling": sampling, "max_tokens": max_tokens, "system": system, "stop": stop})
+        "sampling": sampling, "max_tokens": max_tokens, "system": system, "stop": stop, "draft": draft})
     return app.run() or 0

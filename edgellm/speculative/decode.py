@@ -100,6 +100,7 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
         elif len(tokens) + 1 >= engine.n_ctx:
             finish = "length"
         stats.decode_s = time.perf_counter() - t_first
+        stats.plain_estimate_s = (stats.generated_tokens - 1) * policy.curve.t1
         if finish:
             piece += text.flush()
         return Record(piece, token, stats, from_draft=from_draft, finish_reason=finish)
@@ -153,9 +154,12 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
                 break
             accepted += 1
             stats.accepted_tokens += 1
-            yield emit(token, True)
+            record = emit(token, True)
             if finish:
+                engine.truncate(len(tokens) + 1)  # keep the text up to this token, drop the rest
+                yield record
                 return
+            yield record
             tokens.append(token)
         else:
             pending = picker.pick(len(draft) if draft else -1)

@@ -1,13 +1,14 @@
 """How many drafted tokens to verify: the length that maximizes expected tokens per unit of time.
 
 Every proposal a drafter makes is scored against the text that actually follows, whether it was
-verified or not (the loop in decode.py does this for free). The policy keeps the recent scores per
-draft source and state, and estimates the tokens a draft of length k would add as the average of
-min(matched, k) over them: no assumption about the shape of acceptance, which for lookups is bursty
-(right for dozens of tokens while the output copies code, wrong at the next edit).
+verified or not (the loop in decode.py does this for free). Acceptance is bursty, so two chances
+are counted (recent evidence weighs more): p, that a proposal's first token is right, and a, that a
+drafted token is right given the one before it was. A draft of k tokens then adds on average
+p (1 - a^k) / (1 - a) tokens. Proposals still being scored count with what they have matched so far,
+so a run of copying raises a at once rather than 32 tokens later.
 
 A draft of k tokens costs c(k+1) + k*d of time (c: the machine's batch-cost curve, d: the draft's
-own cost per token, 0 for lookups) and yields 1 + accepted tokens. Plain decoding yields 1 token per
+own cost per token, 0 for lookups) and yields 1 + accepted tokens; plain decoding yields 1 token per
 1. The policy picks the k with the best ratio, and k = 0 (speculation off) unless some k beats plain
 decoding by a margin. Because lookups keep being scored while off, speculation turns itself back on
 when the text starts repeating; a draft model, whose proposals cost time, is re-tried now and then.
@@ -15,41 +16,59 @@ when the text starts repeating; a draft model, whose proposals cost time, is re-
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from .costs import CostCurve
 
-MARGIN = 1.03  # an expected gain below this is noise on these machines: decode plainly
+MARGIN = 1.05  # an expected gain below this is noise on these machines: decode plainly
 PROBE_EVERY = 32  # steps between short re-tries of a costly source that is off
-HISTORY = 24  # scored proposals kept per source and state
-PRIOR = ((16, 1), (16, 0))  # (proposed, matched) pseudo-scores a new source starts with
+DECAY = 0.995  # per scored token: older evidence fades
+PRIOR = (1.0, 1.0)  # (kept, lost) a new source starts with: a = 0.5
+
+
+@dataclass
+class Counts:
+    kept: float = PRIOR[0]
+    lost: float = PRIOR[1]
+
+    @property
+    def rate(self) -> float:
+        return self.kept / (self.kept + self.lost)
+
+    def add(self, kept: int, lost: int) -> None:
+        fade = DECAY ** (kept + lost)
+        self.kept = self.kept * fade + kept
+        self.lost = self.lost * fade + lost
 
 
 @dataclass
 class SourceStats:
-    scores: deque[tuple[int, int]] = field(default_factory=lambda: deque(PRIOR, maxlen=HISTORY))
-    # proposals still being scored: matched so far (a lower bound), so a run of copying counts now,
-    # not 32 tokens later when its first proposal is settled
-    live: dict[int, tuple[int, int]] = field(default_factory=dict)
+    first: Counts = field(default_factory=Counts)  # p: a proposal's first token is right
+    rest: Counts = field(default_factory=Counts)  # a: a token is right after a right one
+    live: dict[int, int] = field(default_factory=dict)  # proposal id -> matched tokens counted so far
     draft_cost: float = 0.0  # seconds per drafted token, relative to one target token
     off_steps: int = 0
 
-    def expected_accepted(self, k: int) -> float:
-        total = sum(min(matched, k) for _, matched in self.scores)
-        total += sum(min(matched, k) for _, matched in self.live.values())
-        return total / (len(self.scores) + len(self.live))
-
     @property
     def acceptance(self) -> float:
-        proposed = sum(p for p, _ in self.scores)
-        return sum(m for _, m in self.scores) / proposed if proposed else 0.0
+        return self.expected_accepted(16) / 16
+
+    def expected_accepted(self, k: int) -> float:
+        a = min(self.rest.rate, 0.999)
+        return self.first.rate * (1 - a ** k) / (1 - a)
+
+    def count(self, counted: int, matched: int, proposed: int, final: bool) -> None:
+        if counted == 0 and (matched > 0 or final):
+            self.first.add(int(matched > 0), int(matched == 0))
+        if matched > 0:
+            self.rest.add(matched - max(counted, 1), int(final and matched < proposed))
 
 
 @dataclass
 class Policy:
     curve: CostCurve
     max_draft: int = 32
+    fixed: int | None = None  # verify exactly this many drafted tokens when there are (tests, benchmarks)
     sources: dict[str, SourceStats] = field(default_factory=dict)
 
     def stats(self, source: str) -> SourceStats:
@@ -71,6 +90,8 @@ class Policy:
         """Draft length to verify now (0: decode plainly)."""
         if available <= 0:
             return 0
+        if self.fixed is not None:
+            return min(self.fixed, available)
         k, _ = self.best(source, available)
         s = self.stats(source)
         if k == 0 and s.draft_cost > 0:
@@ -80,18 +101,13 @@ class Policy:
                 return min(2, available)
         return k
 
-    def update(self, source: str, proposed: int, matched: int, entry: int | None = None,
+    def update(self, source: str, proposed: int, matched: int, entry: int = -1,
                final: bool = True) -> None:
-        """A proposal of `proposed` tokens turned out right for its first `matched` (so far, if not final)."""
-        if proposed <= 0:
-            return
+        """Proposal `entry` of `proposed` tokens is right for its first `matched` (so far, if not final)."""
         s = self.stats(source)
-        if entry is not None:
-            s.live.pop(entry, None)
-            if not final:
-                s.live[entry] = (proposed, matched)
-                return
-        s.scores.append((proposed, matched))
+        s.count(s.live.pop(entry, 0), matched, proposed, final)
+        if not final:
+            s.live[entry] = matched
 
     def observe_draft_cost(self, source: str, seconds_per_token: float) -> None:
         s = self.stats(source)

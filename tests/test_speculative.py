@@ -1,0 +1,230 @@
+"""Speculative decoding on the real SmolLM2: lossless greedy and sampling, KV rollback, the policy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp as C
+import numpy as np
+import pytest
+
+from edgellm.engine import Engine, LoadOptions
+from edgellm.sampling import Sampler, SamplingParams, probabilities
+from edgellm.speculative.costs import CostCurve, load_or_measure
+from edgellm.speculative.decode import _Picker
+from edgellm.speculative.drafters import Combined, DraftModel, EditAwareLookup, PromptLookup
+from edgellm.speculative.policy import Policy
+from edgellm.speculative.setup import Speculator
+
+GREEDY = SamplingParams.greedy_params()
+CODE = '''def area(width, height):
+    return width * height
+
+
+def perimeter(width, height):
+    return 2 * (width + height)
+
+
+def describe(width, height):
+    return "rectangle %d x %d" % (width, height)
+'''
+PROMPTS = {
+    "rename": f"Rename width to w and height to h. Reply with the code only.\n\n{CODE}",
+    "copy": f"Repeat this code exactly.\n\n{CODE}",
+    "new": "Write a Python function that reverses a string.",
+}
+NEAR_TIE = 0.5  # logits: batched and single-token decodes may differ by this much (Q4 weights)
+
+
+def plain_tokens(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    engine.reset()
+    return [r.token for r in engine.generate(prompt, GREEDY, max_tokens=n) if r.token is not None]
+
+
+def assert_same_or_near_tie(engine: Engine, prompt: list[int], plain: list[int], spec: list[int]) -> None:
+    """Identical, or the first difference is where plain decoding's top two logits nearly tie."""
+    diverge = next((i for i, (a, b) in enumerate(zip(plain, spec, strict=False)) if a != b), None)
+    if diverge is None:
+        assert len(plain) == len(spec) or min(len(plain), len(spec)) == 0
+        return
+    engine.reset()
+    engine.prefill(prompt + plain[:diverge])
+    logits = engine.logits(-1)
+    first, second = np.argsort(logits)[::-1][:2]
+    assert spec[diverge] == second, "a divergence must pick plain decoding's runner-up"
+    assert logits[first] - logits[second] < NEAR_TIE, f"diverged at {diverge} without a near-tie"
+
+
+@pytest.fixture(scope="module")
+def curve(engine: Engine) -> CostCurve:
+    return load_or_measure(engine)
+
+
+@pytest.mark.parametrize("name", list(PROMPTS))
+@pytest.mark.parametrize("drafter", ["lookup", "edit"])
+def test_greedy_lookup_is_lossless(engine: Engine, curve: CostCurve, name: str, drafter: str):
+    prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS[name]}])
+    plain = plain_tokens(engine, prompt, 96)
+    d = PromptLookup() if drafter == "lookup" else EditAwareLookup()
+    speculator = Speculator(d, Policy(curve, fixed=8))
+    engine.reset()
+    records = list(engine.generate(prompt, GREEDY, max_tokens=96, speculator=speculator))
+    spec = [r.token for r in records if r.token is not None]
+    assert_same_or_near_tie(engine, prompt, plain, spec)
+    stats = records[-1].stats
+    assert stats.generated_tokens == len(spec)
+    assert sum(r.from_draft for r in records) == stats.accepted_tokens <= stats.drafted_tokens
+    assert stats.drafted_tokens <= 8 * stats.draft_steps
+    if name == "copy":
+        assert stats.accepted_tokens > 20  # copying code: the lookup drafts are mostly right
+
+
+def test_draft_model_is_lossless_and_rolls_back(engine: Engine, curve: CostCurve, smollm2: Path):
+    with Engine(smollm2, LoadOptions(n_ctx=2048, n_threads=2)) as draft_engine:
+        speculator = Speculator(Combined(DraftModel(draft_engine)), Policy(curve, fixed=4), draft_engine)
+        for name in ("new", "rename"):
+            prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS[name]}])
+            plain = plain_tokens(engine, prompt, 64)
+            engine.reset()
+            records = list(engine.generate(prompt, GREEDY, max_tokens=64, speculator=speculator,
+                                           ignore_eog=True))
+            spec = [r.token for r in records if r.token is not None]
+            assert_same_or_near_tie(engine, prompt, plain[:len(spec)], spec[:len(plain)])
+            stats = records[-1].stats
+            assert stats.accepted_tokens >= stats.drafted_tokens // 2  # a model drafting for itself
+            # the KV cache holds exactly the accepted text (the last token decoded or not yet)
+            assert engine.kv_tokens in (prompt + spec, prompt + spec[:-1])
+            pos_max = C.llama_memory_seq_pos_max(engine.memory, 0)
+            assert pos_max == len(engine.kv_tokens) - 1
+            # the draft model's cache holds a prefix of the same text
+            held = draft_engine.kv_tokens
+            assert held == (prompt + spec)[:len(held)]
+            assert C.llama_memory_seq_pos_max(draft_engine.memory, 0) == len(held) - 1
+
+
+def test_kv_after_speculation_continues_like_plain(engine: Engine, curve: CostCurve):
+    """After a speculative turn, the next turn reuses the cache and gives plain decoding's tokens."""
+    prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS["copy"]}])
+    speculator = Speculator(EditAwareLookup(), Policy(curve, fixed=8))
+    engine.reset()
+    first = [r.token for r in engine.generate(prompt, GREEDY, max_tokens=40, speculator=speculator)]
+    context = prompt + [t for t in first if t is not None]
+    reused = list(engine.generate(context, GREEDY, max_tokens=16))
+    assert reused[-1].stats.prefilled_tokens <= 2
+    fresh = plain_tokens(engine, context, 16)
+    assert_same_or_near_tie(engine, context, fresh, [r.token for r in reused if r.token is not None])
+
+
+def test_rejection_sampling_keeps_the_target_distribution(engine: Engine):
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=1.0, min_p=0.0, seed=1)
+    engine.reset()
+    engine.prefill(engine.chat_tokens([{"role": "user", "content": "Name an animal."}]))
+    p = probabilities(engine.logits(-1), params)
+    support = np.flatnonzero(p)
+    draft = int(support[np.argsort(p[support])][len(support) // 2])  # a middling candidate
+    picker = _Picker(engine, params)
+    n = 20000
+    counts = np.zeros_like(p)
+    for _ in range(n):
+        _, token = picker.verify(-1, draft)
+        counts[token] += 1
+    tv = 0.5 * np.abs(counts / n - p).sum()
+    assert tv < 0.03, f"total variation {tv:.3f} between speculative samples and the target"
+    assert counts[draft] / n == pytest.approx(p[draft], abs=0.015)
+
+
+def test_probabilities_match_the_native_sampler(engine: Engine):
+    params = SamplingParams(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02)
+    engine.reset()
+    engine.prefill(engine.chat_tokens([{"role": "user", "content": "Pick a color."}]))
+    p = probabilities(engine.logits(-1), params)
+    n = 3000
+    counts = np.zeros_like(p)
+    for seed in range(n):
+        sampler = Sampler(SamplingParams(**{**params.__dict__, "seed": seed}), engine.n_vocab)
+        counts[sampler.sample(engine.ctx, -1)] += 1
+        sampler.close()
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(p))
+    tv = 0.5 * np.abs(counts / n - p).sum()
+    assert tv < 0.06, f"total variation {tv:.3f} between llama.cpp's sampler and probabilities()"
+
+
+def test_sampling_through_speculation_runs_with_a_seed(engine: Engine, curve: CostCurve):
+    params = SamplingParams(temperature=0.7, seed=3)
+    prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS["copy"]}])
+    runs = []
+    for _ in range(2):
+        engine.reset()
+        speculator = Speculator(EditAwareLookup(), Policy(curve, fixed=6))
+        runs.append([r.token for r in engine.generate(prompt, params, max_tokens=48, speculator=speculator)])
+    assert runs[0] == runs[1]  # same seed, same drafts: the same sample
+
+
+def synthetic_curve() -> CostCurve:
+    # the 1.5B on a 2-core EPYC: verifying n tokens costs c(n) single decodes
+    rel = {1: 1.0, 2: 1.64, 3: 2.2, 4: 2.71, 6: 4.5, 8: 6.26, 12: 6.9, 16: 7.49, 24: 10.0, 32: 12.36}
+    return CostCurve({n: 0.033 * c for n, c in rel.items()})
+
+
+def test_policy_turns_lookup_on_when_it_pays_and_off_when_not():
+    policy = Policy(synthetic_curve())
+    assert policy.choose("edit:new", 32) == 0  # nothing known: decode plainly
+    for entry in range(20):  # copying: every proposal right all the way
+        policy.update("edit:new", 32, 32, entry, final=True)
+    k = policy.choose("edit:new", 32)
+    assert k >= 15 and policy.gain("edit:new", k) > 2.0
+    for entry in range(20, 80):  # the text stops repeating: first tokens wrong
+        policy.update("edit:new", 32, 0, entry, final=True)
+    assert policy.choose("edit:new", 32) == 0
+    for entry in range(80, 140):  # and starts again
+        policy.update("edit:new", 32, 32, entry, final=True)
+    assert policy.choose("edit:new", 32) > 0
+
+
+def test_policy_keeps_an_expensive_draft_model_off():
+    policy = Policy(synthetic_curve())
+    policy.observe_draft_cost("draft:new", 0.57 * 0.033)  # the 0.5B drafting for the 1.5B
+    for entry in range(30):
+        policy.update("draft:new", 4, 4, entry, final=True)  # even if it were always right
+    choices = [policy.choose("draft:new", 8) for _ in range(64)]
+    assert choices.count(0) >= 62  # off, but for a short probe now and then
+    assert max(choices) <= 2
+
+
+def test_cost_curve_is_measured_once_and_cached(engine: Engine, curve: CostCurve):
+    assert curve.cost(1) == 1.0
+    assert all(curve.cost(n) > 0.5 for n in (2, 4, 16, 32))
+    from edgellm.speculative.costs import _cache_path
+
+    assert _cache_path(engine).exists()
+    assert load_or_measure(engine).seconds == load_or_measure(engine).seconds  # read back, not re-measured
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_cli_draft_ngram_gives_the_plain_text():
+    args = ("run", "smollm2-135m", PROMPTS["copy"], "--temp", "0", "-n", "48", "--json")
+    plain = json.loads(run_cli(*args).stdout)
+    spec = json.loads(run_cli(*args, "--draft", "ngram").stdout)
+    assert spec["stats"]["generated_tokens"] == plain["stats"]["generated_tokens"]
+    assert spec["text"] == plain["text"] or spec["text"][:20] == plain["text"][:20]
+    assert "acceptance" in spec["stats"] and spec["stats"]["speedup"] > 0
+
+
+def test_incompatible_draft_model_is_refused(tmp_path: Path):
+    fetch = Path(__file__).resolve().parents[2] / "shared" / "dev-models" / "fetch.py"
+    dest = tmp_path / "models"
+    out = subprocess.run([sys.executable, str(fetch), "--dest", str(dest), "gemma3-270m"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    (gemma,) = dest.glob("*.gguf")
+    result = run_cli("run", "smollm2-135m", "hi", "--draft", str(gemma))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not compatible" in lines[0], result.stderr
