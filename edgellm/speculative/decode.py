@@ -144,6 +144,9 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
         t_batch = time.perf_counter()
         engine.decode([pending, *draft], all_logits=bool(draft))
         policy.curve.observe(len(draft) + 1, time.perf_counter() - t_batch)
+        if draft:
+            stats.drafted_tokens += len(draft)
+            stats.draft_steps += 1
         accepted = 0
         for i, token in enumerate(draft):
             kept, pending = picker.verify(i, token)
@@ -164,8 +167,6 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
         else:
             pending = picker.pick(len(draft) if draft else -1)
         if draft:
-            stats.drafted_tokens += len(draft)
-            stats.draft_steps += 1
             engine.truncate(len(tokens))  # drop the rejected drafts from the KV cache
             in_run[source.split(":")[0]] = accepted == len(draft)
             score()

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Speculative decoding against plain decoding, measured in one run.
+
+Target Qwen2.5-Coder-1.5B-Instruct (draft: its 0.5B sibling), greedy, 192 new tokens, five prompts
+of each workload (benchmarks/prompts.py): *edit* (the answer repeats most of the prompt's code) and
+*generation* (new code). For every prompt: plain t/s, then each method's t/s, speedup, acceptance and
+mean accepted length. `ceiling` is the speedup that a perfect choice of draft length would reach with
+the edit-aware lookup's own proposals on this machine's measured cost curve (a replay of the plain
+output): what the drafts and the machine allow, before the policy's guesses.
+
+    python benchmarks/speculative.py [--target qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b]
+                                     [--methods edit,draft,auto,ngram] [--n 192]
+Models: python3 ../shared/dev-models/fetch.py --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prompts import EDIT, GENERATION
+
+from edgellm.engine import Engine
+from edgellm.sampling import SamplingParams
+from edgellm.speculative.costs import CostCurve, load_or_measure
+from edgellm.speculative.drafters import (
+    Combined,
+    DraftModel,
+    EditAwareLookup,
+    PromptLookup,
+    check_vocab_compatible,
+)
+from edgellm.speculative.policy import Policy
+from edgellm.speculative.setup import Speculator
+
+GREEDY = SamplingParams.greedy_params()
+
+
+def ceiling(prompt: list[int], out: list[int], curve: CostCurve, max_draft: int = 32) -> float:
+    """Replay the plain output: at each step verify exactly as many lookup tokens as pay best."""
+    drafter = EditAwareLookup()
+    drafter.start(prompt)
+    tokens, t, cost = [*prompt, out[0]], 1, 1.0
+    while t < len(out):
+        proposal = drafter.propose(tokens, max_draft)
+        right = next((i for i, (a, b) in enumerate(zip(proposal, out[t:], strict=False)) if a != b),
+                     min(len(proposal), len(out) - t))
+        k = max(range(right + 1), key=lambda k: (k + 1) / curve.cost(k + 1))
+        cost += curve.cost(k + 1)
+        tokens += out[t:t + k + 1]
+        t += k + 1
+        drafter.feedback(tokens, k)
+    return len(out) / cost
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--methods", default="edit,draft,auto")
+    ap.add_argument("--n", type=int, default=192)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None, help="run only prompts whose name contains this")
+    a = ap.parse_args()
+    methods = a.methods.split(",")
+
+    target = Engine.load(a.target, n_ctx=4096, n_threads=a.threads)
+    draft_engine = None
+    if {"draft", "auto"} & set(methods):
+        draft_engine = Engine.load(a.draft, n_ctx=4096, n_threads=a.threads)
+        check_vocab_compatible(target, draft_engine)
+    curve = load_or_measure(target)
+    print(f"target {target.path.name}, {a.threads} threads; batch cost c(n) relative to one token: "
+          + ", ".join(f"c({n})={curve.cost(n):.2f}" for n in (2, 4, 8, 16, 32)))
+
+    def speculator(method: str) -> Speculator:
+        drafter = {"ngram": lambda: PromptLookup(), "edit": lambda: EditAwareLookup(),
+                   "draft": lambda: Combined(DraftModel(draft_engine)),
+                   "auto": lambda: Combined(EditAwareLookup(), DraftModel(draft_engine))}[method]()
+        return Speculator(drafter, Policy(curve))
+
+    print(f"{'workload':<11}{'prompt':<12}{'plain t/s':>10}{'ceiling':>8}"
+          + "".join(f"{m + ' t/s':>11}{'x':>6}{'acc':>5}{'len':>5}" for m in methods))
+    summary: dict[tuple[str, str], list[float]] = {}
+    for workload, prompts in (("edit", EDIT), ("generation", GENERATION)):
+        for name, messages in prompts.items():
+            if a.only and a.only not in name:
+                continue
+            prompt = target.chat_tokens(messages)
+
+            def plain_run(prompt: list[int] = prompt) -> tuple[float, list[int]]:
+                target.reset()
+                records = list(target.generate(prompt, GREEDY, max_tokens=a.n))
+                return records[-1].stats.decode_tps, [r.token for r in records if r.token is not None]
+
+            # plain runs between the methods: each method is compared with the plain runs beside it,
+            # so the machine's drift (±10% over minutes here) does not land on one side
+            before, out = plain_run()
+            plains = [before]
+            row = ""
+            for method in methods:
+                target.reset()
+                records = list(target.generate(prompt, GREEDY, max_tokens=a.n, speculator=speculator(method)))
+                after, _ = plain_run()
+                plains.append(after)
+                s = records[-1].stats
+                speedup = s.decode_tps / ((before + after) / 2)
+                before = after
+                summary.setdefault((workload, method), []).append(speedup)
+                row += f"{s.decode_tps:>11.2f}{speedup:>6.2f}{s.acceptance:>5.2f}{s.mean_accepted:>5.1f}"
+            base = sum(plains) / len(plains)
+            head = f"{workload:<11}{name:<12}{base:>10.2f}{ceiling(prompt, out, curve):>8.2f}"
+            print(head + row, flush=True)
+    print()
+    for (workload, method), speedups in summary.items():
+        geo = math.exp(sum(math.log(x) for x in speedups) / len(speedups))
+        print(f"{workload:<11}{method:<7} geometric mean {geo:.2f}x, min {min(speedups):.2f}x, "
+              f"max {max(speedups):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
