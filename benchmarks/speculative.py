@@ -9,7 +9,7 @@ the edit-aware lookup's own proposals on this machine's measured cost curve (a r
 output): what the drafts and the machine allow, before the policy's guesses.
 
     python benchmarks/speculative.py [--target qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b]
-                                     [--methods edit,draft,auto,ngram] [--n 192]
+                                     [--methods edit,tree,draft,auto,ngram] [--n 192]
 Models: python3 ../shared/dev-models/fetch.py --all
 """
 
@@ -60,14 +60,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="qwen2.5-coder-1.5b")
     ap.add_argument("--draft", default="qwen2.5-coder-0.5b")
-    ap.add_argument("--methods", default="edit,draft,auto")
+    ap.add_argument("--methods", default="edit,tree,draft,auto")
     ap.add_argument("--n", type=int, default=192)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="run only prompts whose name contains this")
     a = ap.parse_args()
     methods = a.methods.split(",")
 
-    target = Engine.load(a.target, n_ctx=4096, n_threads=a.threads)
+    # four sequences in one unified cache: token trees need them; plain decoding runs the same way
+    target = Engine.load(a.target, n_ctx=4096, n_threads=a.threads, n_seq_max=4, kv_unified=True)
     draft_engine = None
     if {"draft", "auto"} & set(methods):
         draft_engine = Engine.load(a.draft, n_ctx=4096, n_threads=a.threads)
@@ -77,6 +78,8 @@ def main() -> int:
           + ", ".join(f"c({n})={curve.cost(n):.2f}" for n in (2, 4, 8, 16, 32)))
 
     def speculator(method: str) -> Speculator:
+        if method == "tree":
+            return Speculator(EditAwareLookup(), Policy(curve), tree_width=3)
         drafter = {"ngram": lambda: PromptLookup(), "edit": lambda: EditAwareLookup(),
                    "draft": lambda: Combined(DraftModel(draft_engine)),
                    "auto": lambda: Combined(EditAwareLookup(), DraftModel(draft_engine))}[method]()

@@ -45,6 +45,7 @@ class LoadOptions:
     type_v: str = "f16"
     flash_attn: bool | None = None  # None: llama.cpp decides
     n_seq_max: int = 1
+    kv_unified: bool = False  # one KV buffer shared by all sequences (token trees share their prefix)
     use_mmap: bool = True
 
 
@@ -171,6 +172,7 @@ class Engine:
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = min(options.n_batch, n_ctx)
         cparams.n_seq_max = options.n_seq_max
+        cparams.kv_unified = options.kv_unified
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.type_k = GGMLQuantizationType[options.type_k.upper()].value
         cparams.type_v = GGMLQuantizationType[options.type_v.upper()].value
@@ -282,6 +284,25 @@ class Engine:
                                    f"({'KV cache full' if rc == 1 else 'compute error'})")
             self.kv_tokens.extend(chunk)
 
+    def decode_tree(self, tokens: Sequence[int], positions: Sequence[int],
+                    seq_ids: Sequence[Sequence[int]]) -> None:
+        """Decode tokens that belong to several sequences at once (a token tree), logits for all.
+
+        Leaves `kv_tokens` alone: the caller decides which branch stays (see speculative.tree).
+        """
+        b = self._batch.raw
+        for i, (token, pos, seqs) in enumerate(zip(tokens, positions, seq_ids, strict=True)):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = len(seqs)
+            for j, seq in enumerate(seqs):
+                b.seq_id[i][j] = seq
+            b.logits[i] = True
+        b.n_tokens = len(tokens)
+        rc = C.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise EdgeLLMError(f"llama_decode failed with code {rc} on a token tree")
+
     def prefill(self, tokens: Sequence[int]) -> int:
         """Make the KV cache hold `tokens` with logits for the last one; return how many were decoded."""
         if not tokens:
@@ -318,7 +339,8 @@ class Engine:
                 from .speculative import decode
 
                 yield from decode.generate(self, prompt, speculator.drafter, speculator.policy,
-                                           sampling, max_tokens, stop, cancel, ignore_eog)
+                                           sampling, max_tokens, stop, cancel, ignore_eog,
+                                           speculator.tree_width)
 
     def _generate(self, prompt: list[int], sampling: SamplingParams, max_tokens: int,
                   stop: Sequence[str], cancel: threading.Event | None,

@@ -32,17 +32,18 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("-n", "--max-tokens", type=int, default=512, help="most tokens to generate")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--draft", default="off", metavar="MODEL|auto|edit|ngram|off",
+    p.add_argument("--draft", default="off", metavar="MODEL|auto|edit|tree|ngram|off",
                    help="speculative decoding: a draft model, auto (edit-aware lookup, plus the target's "
-                        "small sibling when present), edit (edit-aware lookup), ngram (prompt lookup), "
-                        "or off (default)")
+                        "small sibling when present), edit (edit-aware lookup), tree (edit-aware lookup "
+                        "with token trees, greedy), ngram (prompt lookup), or off (default)")
 
 
 def load_options(a: argparse.Namespace) -> LoadOptions:
     if a.ctx is not None and a.ctx < 16:
         raise SystemExit("edgellm: --ctx must be at least 16")
+    tree = getattr(a, "draft", "off") == "tree"  # token trees: one sequence per branch, shared cells
     return LoadOptions(n_ctx=a.ctx, n_threads=a.threads, n_batch=a.batch, n_gpu_layers=a.gpu_layers,
-                       type_k=a.kv_type, type_v=a.kv_type)
+                       type_k=a.kv_type, type_v=a.kv_type, n_seq_max=4 if tree else 1, kv_unified=tree)
 
 
 def sampling_params(a: argparse.Namespace) -> SamplingParams:

@@ -228,3 +228,40 @@ def test_incompatible_draft_model_is_refused(tmp_path: Path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "not compatible" in lines[0], result.stderr
+
+
+def test_token_tree_is_lossless_and_leaves_only_the_accepted_path(smollm2: Path, monkeypatch):
+    from edgellm.speculative import tree
+
+    trees = []
+    real_verify = tree.verify
+
+    def counting_verify(engine, pending, nodes, n_branches):
+        trees.append(n_branches)
+        return real_verify(engine, pending, nodes, n_branches)
+
+    monkeypatch.setattr(tree, "verify", counting_verify)
+    options = LoadOptions(n_ctx=2048, n_threads=2, n_seq_max=4, kv_unified=True)
+    with Engine(smollm2, options) as engine:
+        text = "Repeat exactly: one two three, one two four, one two five, one two six, one two seven"
+        prompt = engine.chat_tokens([{"role": "user", "content": text}])
+        plain = plain_tokens(engine, prompt, 48)
+        speculator = Speculator(EditAwareLookup(), Policy(load_or_measure(engine), fixed=6), tree_width=3)
+        engine.reset()
+        records = list(engine.generate(prompt, GREEDY, max_tokens=48, speculator=speculator))
+        spec = [r.token for r in records if r.token is not None]
+        assert_same_or_near_tie(engine, prompt, plain, spec)
+        assert trees and max(trees) >= 2  # some steps verified a real tree (two or more branches)
+        assert engine.kv_tokens == (prompt + spec)[:len(engine.kv_tokens)]
+        assert len(engine.kv_tokens) >= len(prompt + spec) - 1
+        assert C.llama_memory_seq_pos_max(engine.memory, 0) == len(engine.kv_tokens) - 1
+        for branch in (1, 2, 3):
+            assert C.llama_memory_seq_pos_max(engine.memory, branch) == -1  # branches dropped
+
+
+def test_tree_needs_a_unified_cache(engine: Engine):
+    from edgellm.errors import EdgeLLMError
+    from edgellm.speculative.setup import make_speculator
+
+    with pytest.raises(EdgeLLMError, match="unified KV cache"):
+        make_speculator(engine, "tree")

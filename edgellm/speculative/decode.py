@@ -20,8 +20,11 @@ from ..engine import Engine, Record, Stats
 from ..errors import EdgeLLMError
 from ..sampling import SamplingParams, probabilities
 from ..textstream import TextStream
+from . import tree
 from .drafters import Drafter
 from .policy import Policy
+
+TREE_BRANCH = 4  # tokens in each alternative branch of a token tree
 
 
 class _Picker:
@@ -57,7 +60,9 @@ class _Picker:
 
 def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Policy,
              sampling: SamplingParams, max_tokens: int, stop: Sequence[str] = (),
-             cancel: threading.Event | None = None, ignore_eog: bool = False) -> Iterator[Record]:
+             cancel: threading.Event | None = None, ignore_eog: bool = False,
+             tree_width: int = 1) -> Iterator[Record]:
+    """Stream records like Engine.generate; `tree_width` > 1 verifies token trees (greedy only)."""
     prompt = list(prompt)
     if sampling.repeat_penalty != 1.0:
         raise EdgeLLMError("speculative decoding does not support --repeat-penalty; use --draft off")
@@ -139,6 +144,38 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
                 scoring[len(tokens)] = (source, proposal, len(tokens))
                 draft = proposal[:k]
                 break
+
+        alternatives: list[list[int]] = []
+        if draft and tree_width > 1 and sampling.greedy and hasattr(part, "alternatives"):
+            alternatives = [alt for alt in part.alternatives(tokens, TREE_BRANCH, tree_width - 1)
+                            if alt[0] != draft[0]][:tree_width - 1]
+        if alternatives:  # a token tree: the draft and other continuations, verified in one batch
+            nodes = tree.build([draft, *alternatives])
+            t_batch = time.perf_counter()
+            path, after = tree.verify(engine, pending, nodes, 1 + len(alternatives))
+            policy.curve.observe(len(nodes) + 1, time.perf_counter() - t_batch)
+            stats.drafted_tokens += len(nodes)
+            stats.draft_steps += 1
+            accepted = 0
+            for token in path:
+                if not ignore_eog and engine.is_eog(token):
+                    after = token
+                    break
+                accepted += 1
+                stats.accepted_tokens += 1
+                record = emit(token, True)
+                if finish:
+                    engine.truncate(len(tokens) + 1)
+                    yield record
+                    return
+                yield record
+                tokens.append(token)
+            pending = after
+            engine.truncate(len(tokens))
+            in_run[source.split(":")[0]] = accepted >= len(draft)
+            score()
+            drafter.feedback(tokens, accepted)
+            continue
 
         # verify: the pending token and the draft in one batch, logits for every position
         t_batch = time.perf_counter()

@@ -55,6 +55,16 @@ class NgramIndex:
             self.__init__(self.min_n, self.max_n)
             self.extend(tokens)
 
+    def all_continuations(self, n_max: int) -> list[int]:
+        """Ends of earlier occurrences of every suffix n-gram, longest n-grams first, newest first."""
+        end = len(self.tokens)
+        out: list[int] = []
+        for n in range(self.max_n, self.min_n - 1, -1):
+            if end >= n:
+                out += [e for e in self.where.get(tuple(self.tokens[end - n:]), ())[::-1]
+                        if e < end and e not in out]
+        return out[:n_max]
+
     def continuations(self, n_max: int) -> list[int]:
         """Ends of the earlier occurrences of the longest suffix n-gram that occurs before, newest first."""
         end = len(self.tokens)
@@ -90,6 +100,21 @@ class PromptLookup:
 
     def feedback(self, tokens: Sequence[int], n_accepted: int) -> None:
         self.index.sync(tokens)
+
+    def _continuation(self, end: int, n: int) -> list[int]:
+        return self.index.tokens[end:end + n]
+
+    def alternatives(self, tokens: Sequence[int], n: int, count: int) -> list[list[int]]:
+        """Continuations from other earlier matches (shorter n-grams too), distinct by first token."""
+        self.index.sync(tokens)
+        seen: set[int] = set()
+        out = []
+        for end in self.index.all_continuations(32):
+            draft = self._continuation(end, n)
+            if draft and draft[0] not in seen:
+                seen.add(draft[0])
+                out.append(draft)
+        return out[:count + 1]  # the caller drops the one its main draft starts with
 
 
 class EditAwareLookup(PromptLookup):
@@ -168,6 +193,9 @@ class EditAwareLookup(PromptLookup):
     def _copy(self, start: int, n: int) -> list[int]:
         return self._apply_subs(self.source[start:start + n + self.MAX_SUB])[:n]
 
+    def _continuation(self, end: int, n: int) -> list[int]:
+        return self._copy(end, n) if end <= len(self.source) else self.index.tokens[end:end + n]
+
     def propose(self, tokens: Sequence[int], n: int) -> list[int]:
         self._catch_up(tokens)
         if self.cursor is not None and self.depart is None and self.cursor < len(self.source):
@@ -175,7 +203,7 @@ class EditAwareLookup(PromptLookup):
             return self._copy(self.cursor, n)
         self.mode = "lookup"
         for end in self.index.continuations(4):
-            draft = self._copy(end, n) if end <= len(self.source) else self.index.tokens[end:end + n]
+            draft = self._continuation(end, n)
             if draft:
                 return draft
         return []

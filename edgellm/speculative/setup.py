@@ -11,6 +11,8 @@ from .costs import load_or_measure
 from .drafters import Combined, Drafter, DraftModel, EditAwareLookup, PromptLookup, check_vocab_compatible
 from .policy import Policy
 
+TREE_WIDTH = 3  # branches of a token tree: the main draft and two alternatives
+
 # a target's smaller sibling with the same vocabulary, used by --draft auto when it is present
 SIBLINGS = {"Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf": "qwen2.5-coder-0.5b"}
 
@@ -20,6 +22,7 @@ class Speculator:
     drafter: Drafter
     policy: Policy
     draft_engine: Engine | None = None
+    tree_width: int = 1  # > 1: verify token trees of this many branches (greedy)
 
     def close(self) -> None:
         if self.draft_engine is not None:
@@ -46,6 +49,12 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32) -> Sp
         drafter: Drafter = PromptLookup()
     elif spec in ("edit", "lookup"):
         drafter = EditAwareLookup()
+    elif spec == "tree":
+        if target.options.n_seq_max < TREE_WIDTH + 1 or not target.options.kv_unified:
+            raise EdgeLLMError("--draft tree needs the target loaded with n_seq_max >= "
+                               f"{TREE_WIDTH + 1} and a unified KV cache")
+        policy = Policy(load_or_measure(target), max_draft=max_draft)
+        return Speculator(EditAwareLookup(), policy, tree_width=TREE_WIDTH)
     elif spec == "auto":
         drafter = EditAwareLookup()
         sibling = SIBLINGS.get(target.path.name)
