@@ -34,7 +34,7 @@ from edgellm.speculative.drafters import (
     check_vocab_compatible,
 )
 from edgellm.speculative.policy import Policy
-from edgellm.speculative.setup import Speculator
+from edgellm.speculative.setup import Speculator, note_draft_cost
 
 GREEDY = SamplingParams.greedy_params()
 
@@ -83,7 +83,10 @@ def main() -> int:
         drafter = {"ngram": lambda: PromptLookup(), "edit": lambda: EditAwareLookup(),
                    "draft": lambda: Combined(DraftModel(draft_engine)),
                    "auto": lambda: Combined(EditAwareLookup(), DraftModel(draft_engine))}[method]()
-        return Speculator(drafter, Policy(curve))
+        policy = Policy(curve)
+        if method in ("draft", "auto"):
+            note_draft_cost(policy, draft_engine)
+        return Speculator(drafter, policy)
 
     print(f"{'workload':<11}{'prompt':<12}{'plain t/s':>10}{'ceiling':>8}"
           + "".join(f"{m + ' t/s':>11}{'x':>6}{'acc':>5}{'len':>5}" for m in methods))

@@ -189,9 +189,18 @@ def test_policy_keeps_an_expensive_draft_model_off():
     policy.observe_draft_cost("draft:new", 0.57 * 0.033)  # the 0.5B drafting for the 1.5B
     for entry in range(30):
         policy.update("draft:new", 4, 4, entry, final=True)  # even if it were always right
+    assert not policy.could_pay("draft:new")  # c(2) = 1.64 > 1 + 0.57: hopeless on this machine
+    assert [policy.choose("draft:new", 8) for _ in range(64)] == [0] * 64  # off, not even probed
+
+
+def test_policy_probes_a_cheap_draft_model_that_is_off():
+    policy = Policy(synthetic_curve())
+    policy.observe_draft_cost("draft:new", 0.05 * 0.033)  # a GPU-like machine: drafts nearly free
+    assert policy.could_pay("draft:new")
+    for entry in range(40):
+        policy.update("draft:new", 4, 0, entry, final=True)  # wrong so far: off...
     choices = [policy.choose("draft:new", 8) for _ in range(64)]
-    assert choices.count(0) >= 62  # off, but for a short probe now and then
-    assert max(choices) <= 2
+    assert choices.count(0) >= 60 and 0 < max(choices) <= 2  # ...but re-tried with short probes
 
 
 def test_cost_curve_is_measured_once_and_cached(engine: Engine, curve: CostCurve):

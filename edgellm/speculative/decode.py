@@ -95,6 +95,7 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
     def emit(token: int, from_draft: bool) -> Record:
         nonlocal finish
         stats.generated_tokens += 1
+        stats.accepted_tokens += from_draft
         piece = text.push(engine.token_bytes(token))
         if text.stopped:
             finish = "stop"
@@ -130,6 +131,8 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
             if room <= 0:
                 break
             want = room if not part.costly else policy.choose(f"{part.name}:new", room)
+            if part.costly and not policy.could_pay(f"{part.name}:new"):
+                want = 0
             if want <= 0:
                 continue
             t_draft = time.perf_counter()
@@ -149,51 +152,34 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
         if draft and tree_width > 1 and sampling.greedy and hasattr(part, "alternatives"):
             alternatives = [alt for alt in part.alternatives(tokens, TREE_BRANCH, tree_width - 1)
                             if alt[0] != draft[0]][:tree_width - 1]
+        t_batch = time.perf_counter()
         if alternatives:  # a token tree: the draft and other continuations, verified in one batch
             nodes = tree.build([draft, *alternatives])
-            t_batch = time.perf_counter()
-            path, after = tree.verify(engine, pending, nodes, 1 + len(alternatives))
-            policy.curve.observe(len(nodes) + 1, time.perf_counter() - t_batch)
-            stats.drafted_tokens += len(nodes)
-            stats.draft_steps += 1
-            accepted = 0
-            for token in path:
-                if not ignore_eog and engine.is_eog(token):
-                    after = token
+            path, pending = tree.verify(engine, pending, nodes, 1 + len(alternatives))
+            n_drafted = len(nodes)
+        else:  # the pending token and the draft in one batch, logits for every position
+            engine.decode([pending, *draft], all_logits=bool(draft))
+            path = []
+            for i, token in enumerate(draft):
+                kept, pending = picker.verify(i, token)
+                if not kept:
                     break
-                accepted += 1
-                stats.accepted_tokens += 1
-                record = emit(token, True)
-                if finish:
-                    engine.truncate(len(tokens) + 1)
-                    yield record
-                    return
-                yield record
-                tokens.append(token)
-            pending = after
-            engine.truncate(len(tokens))
-            in_run[source.split(":")[0]] = accepted >= len(draft)
-            score()
-            drafter.feedback(tokens, accepted)
-            continue
-
-        # verify: the pending token and the draft in one batch, logits for every position
-        t_batch = time.perf_counter()
-        engine.decode([pending, *draft], all_logits=bool(draft))
-        policy.curve.observe(len(draft) + 1, time.perf_counter() - t_batch)
+                path.append(token)
+            else:
+                pending = picker.pick(len(draft) if draft else -1)
+            n_drafted = len(draft)
+        policy.curve.observe(n_drafted + 1, time.perf_counter() - t_batch)
         if draft:
-            stats.drafted_tokens += len(draft)
+            stats.drafted_tokens += n_drafted
             stats.draft_steps += 1
+
+        # emit the accepted tokens; an end-of-generation token among them is the next pending one
         accepted = 0
-        for i, token in enumerate(draft):
-            kept, pending = picker.verify(i, token)
-            if not kept:
-                break
+        for token in path:
             if not ignore_eog and engine.is_eog(token):
                 pending = token
                 break
             accepted += 1
-            stats.accepted_tokens += 1
             record = emit(token, True)
             if finish:
                 engine.truncate(len(tokens) + 1)  # keep the text up to this token, drop the rest
@@ -201,10 +187,8 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
                 return
             yield record
             tokens.append(token)
-        else:
-            pending = picker.pick(len(draft) if draft else -1)
         if draft:
             engine.truncate(len(tokens))  # drop the rejected drafts from the KV cache
-            in_run[source.split(":")[0]] = accepted == len(draft)
+            in_run[source.split(":")[0]] = accepted >= len(draft)
             score()
         drafter.feedback(tokens, accepted)

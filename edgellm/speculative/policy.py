@@ -94,7 +94,7 @@ class Policy:
             return min(self.fixed, available)
         k, _ = self.best(source, available)
         s = self.stats(source)
-        if k == 0 and s.draft_cost > 0:
+        if k == 0 and s.draft_cost > 0 and self.could_pay(source):
             s.off_steps += 1
             if s.off_steps >= PROBE_EVERY:  # a costly source is only scored when asked: probe it
                 s.off_steps = 0
@@ -108,6 +108,17 @@ class Policy:
         s.count(s.live.pop(entry, 0), matched, proposed, final)
         if not final:
             s.live[entry] = matched
+
+    def could_pay(self, source: str) -> bool:
+        """Whether this source beats plain decoding for some k even if every drafted token were kept.
+
+        A draft model costing 0.57 of the target per token cannot on a 2-core CPU, where verifying
+        2 tokens costs 1.64: then it is never asked (no probes either), and costs nothing.
+        """
+        if self.fixed is not None:
+            return True
+        d = self.stats(source).draft_cost
+        return any((1 + k) / (self.curve.cost(k + 1) + k * d) > MARGIN for k in range(1, self.max_draft + 1))
 
     def observe_draft_cost(self, source: str, seconds_per_token: float) -> None:
         s = self.stats(source)

@@ -67,4 +67,14 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32) -> Sp
     else:
         draft_engine = _draft_engine(target, spec)
         drafter = Combined(EditAwareLookup(), DraftModel(draft_engine))
-    return Speculator(drafter, Policy(load_or_measure(target), max_draft=max_draft), draft_engine)
+    policy = Policy(load_or_measure(target), max_draft=max_draft)
+    if draft_engine is not None:
+        note_draft_cost(policy, draft_engine)
+    return Speculator(drafter, policy, draft_engine)
+
+
+def note_draft_cost(policy: Policy, draft_engine: Engine, name: str = DraftModel.name) -> None:
+    """The draft model's cost per token relative to the target's, from both measured cost curves."""
+    seconds = load_or_measure(draft_engine).t1
+    for state in ("new", "run"):
+        policy.observe_draft_cost(f"{name}:{state}", seconds)
