@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from .costs import CostCurve
 
 MARGIN = 1.05  # an expected gain below this is noise on these machines: decode plainly
+OPTIMISTIC = 0.95  # acceptance of the best drafts, for deciding whether a costly source can ever pay
 PROBE_EVERY = 32  # steps between short re-tries of a costly source that is off
 DECAY = 0.995  # per scored token: older evidence fades
 PRIOR = (1.0, 1.0)  # (kept, lost) a new source starts with: a = 0.5
@@ -110,15 +111,18 @@ class Policy:
             s.live[entry] = matched
 
     def could_pay(self, source: str) -> bool:
-        """Whether this source beats plain decoding for some k even if every drafted token were kept.
+        """Whether this source beats plain decoding for some k if it were as good as drafts get.
 
-        A draft model costing 0.57 of the target per token cannot on a 2-core CPU, where verifying
+        "As good as drafts get": p = a = 0.95, a draft model that agrees with its target on 95% of
+        tokens. One costing 0.57 of the target per token cannot pay on a 2-core CPU, where verifying
         2 tokens costs 1.64: then it is never asked (no probes either), and costs nothing.
         """
         if self.fixed is not None:
             return True
         d = self.stats(source).draft_cost
-        return any((1 + k) / (self.curve.cost(k + 1) + k * d) > MARGIN for k in range(1, self.max_draft + 1))
+        return any((1 + OPTIMISTIC * (1 - OPTIMISTIC ** k) / (1 - OPTIMISTIC))
+                   / (self.curve.cost(k + 1) + k * d) > MARGIN
+                   for k in range(1, self.max_draft + 1))
 
     def observe_draft_cost(self, source: str, seconds_per_token: float) -> None:
         s = self.stats(source)
