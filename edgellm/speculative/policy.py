@@ -7,11 +7,15 @@ drafted token is right given the one before it was. A draft of k tokens then add
 p (1 - a^k) / (1 - a) tokens. Proposals still being scored count with what they have matched so far,
 so a run of copying raises a at once rather than 32 tokens later.
 
+The counts are kept per source and state; decode.py uses the state "run" when the source's last
+verified draft was accepted whole (the output is copying) and "new" otherwise.
+
 A draft of k tokens costs c(k+1) + k*d of time (c: the machine's batch-cost curve, d: the draft's
 own cost per token, 0 for lookups) and yields 1 + accepted tokens; plain decoding yields 1 token per
 1. The policy picks the k with the best ratio, and k = 0 (speculation off) unless some k beats plain
 decoding by a margin. Because lookups keep being scored while off, speculation turns itself back on
-when the text starts repeating; a draft model, whose proposals cost time, is re-tried now and then.
+when the text starts repeating. A draft model, whose proposals cost time, is re-tried with a short
+probe now and then, and never asked at all where even a 95%-right draft could not pay.
 """
 
 from __future__ import annotations
