@@ -17,6 +17,7 @@ COMMANDS = {
     "pull": ("pull", "download a GGUF from the Hugging Face hub"),
     "doctor": ("doctor", "check this machine, the llama.cpp build and a test decode"),
     "bench": ("bench", "measure prompt and decode speed (like llama-bench)"),
+    "quantize": ("quantize_cmd", "convert a Hugging Face model folder to a low-bit GGUF"),
 }
 
 

@@ -1,0 +1,66 @@
+"""`edgellm quantize MODEL --type Q4_K_M`: Hugging Face folder -> GGUF -> low-bit GGUF, one command.
+
+The F16 intermediate lives next to the output under a hidden name and is deleted as soon as it has
+been quantized; the result lands in the models dir (so `edgellm models` lists it) unless -o says
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from .errors import EdgeLLMError
+from .models import models_dir
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--type", default="Q4_K_M", help="F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, "
+                   "Q2_K, … (default: Q4_K_M)")
+    p.add_argument("-o", "--output", default=None, help="output GGUF (default: the models dir)")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("-t", "--threads", type=int, default=None)
+
+
+def main(a: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from .quantize.convert import convert, load_config, safetensor_files
+    from .quantize.quantize import CONVERT_ONLY, check_type, quantize
+
+    src = Path(a.model).expanduser()
+    if not src.is_dir():
+        raise EdgeLLMError(f"{a.model} is not a folder; pass a Hugging Face model folder")
+    qtype = a.type.upper()
+    check_type(qtype)  # an unknown type, or one that needs an imatrix, fails before any work
+    load_config(src)
+    out = Path(a.output).expanduser() if a.output else models_dir() / f"{src.name}-{qtype}.gguf"
+    if out.exists() and not a.force:
+        raise EdgeLLMError(f"{out} exists; pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    weights = sum(f.stat().st_size for f in safetensor_files(src) if f.exists())
+    dtype_bytes = {"float32": 4}.get(json.loads((src / "config.json").read_text()).get("torch_dtype"), 2)
+    need = weights * 2 // dtype_bytes + weights // 2  # the F16 intermediate, then the quantized file
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise EdgeLLMError(f"not enough disk in {out.parent}: {free / 1e9:.1f} GB free, about "
+                           f"{need / 1e9:.1f} GB needed")
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("converting", total=None)
+        progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+        if qtype in CONVERT_ONLY:
+            convert(src, out, CONVERT_ONLY[qtype], force=a.force, progress=progress)
+        else:
+            intermediate = out.with_name(f".{out.stem}.f16.gguf")
+            try:
+                convert(src, intermediate, "f16", force=True, progress=progress)
+                bar.update(task, description=f"quantizing to {qtype}", total=None)
+                quantize(intermediate, out, qtype, a.threads)
+            finally:
+                intermediate.unlink(missing_ok=True)  # a 7B model's F16 is 14 GB of a laptop's disk
+    print(f"{out} ({out.stat().st_size / 1e6:,.0f} MB, {qtype})")
+    return 0

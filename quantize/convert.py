@@ -1,0 +1,207 @@
+"""Hugging Face folder -> GGUF, streamed tensor by tensor from memory-mapped safetensors.
+
+Validates config.json, the safetensors headers and every tensor's shape before writing; writes the
+header (metadata and tensor infos) first, then each tensor as it is read, so peak memory stays near
+the largest tensor. Output goes to a temporary name and is renamed at the end. Pickled checkpoints
+(*.bin, *.pt) are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from edgellm.errors import EdgeLLMError
+
+from .archs import ARCHS, HPARAMS, Arch, permute, supported
+from .vocab import add_vocab
+
+OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+SKIP = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class Planned:
+    hf_name: str
+    file: Path
+    name: str  # GGUF name
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+
+
+def load_config(model_dir: Path) -> tuple[dict, Arch]:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise EdgeLLMError(f"{model_dir} has no config.json; is it a Hugging Face model folder?")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise EdgeLLMError(f"{path} is not valid JSON ({e})") from None
+    names = config.get("architectures") or []
+    if not names or names[0] not in ARCHS:
+        raise EdgeLLMError(f"unsupported architecture {names[0] if names else 'none'!r}; "
+                           f"supported: {supported()}")
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+        if not isinstance(config.get(key), int) or config[key] <= 0:
+            raise EdgeLLMError(f"{path}: {key} is missing or not a positive integer")
+    return config, ARCHS[names[0]]
+
+
+def safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / f for f in files]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickles are never loaded)" if pickles else ""
+        raise EdgeLLMError(f"{model_dir} has no .safetensors weights{hint}")
+    return files
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name suffix -> the (rows, cols) the config implies, for the checks before writing."""
+    d, v = config["hidden_size"], config["vocab_size"]
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    head = config.get("head_dim") or d // n_head
+    ff = config.get("intermediate_size")
+    out = {"token_embd.weight": (v, d), "output.weight": (v, d), "attn_q.weight": (n_head * head, d),
+           "attn_k.weight": (n_kv * head, d), "attn_v.weight": (n_kv * head, d),
+           "attn_output.weight": (d, n_head * head)}
+    if ff:
+        out |= {"ffn_gate.weight": (ff, d), "ffn_up.weight": (ff, d), "ffn_down.weight": (d, ff)}
+    return out
+
+
+def plan(model_dir: Path, config: dict, arch: Arch, outtype: str, stack: ExitStack) -> list[Planned]:
+    tmap = gguf.get_tensor_name_map(arch.gguf, config["num_hidden_layers"])
+    shapes = expected_shapes(config)
+    tied = config.get("tie_word_embeddings", False)
+    out = []
+    for file in safetensor_files(model_dir):
+        if not file.exists():
+            raise EdgeLLMError(f"{file} is listed in the index but missing")
+        try:
+            handle = stack.enter_context(safe_open(file, framework="numpy"))
+            keys = list(handle.keys())
+        except (SafetensorError, OSError) as e:
+            raise EdgeLLMError(f"{file} is not a valid safetensors file ({e})") from None
+        for key in keys:
+            if key.endswith(SKIP) or (tied and key == "lm_head.weight"):
+                continue
+            name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise EdgeLLMError(f"{file.name}: tensor {key!r} has no GGUF name for {arch.gguf.name.lower()}")
+            shape = tuple(handle.get_slice(key).get_shape())
+            suffix = ".".join(name.split(".")[-2:]) if name.startswith("blk.") else name
+            if suffix in shapes and shape != shapes[suffix]:
+                raise EdgeLLMError(f"{key} has shape {list(shape)} but config.json implies "
+                                   f"{list(shapes[suffix])}")
+            keep_f32 = len(shape) <= 1 or name.endswith("_norm.weight")
+            out.append(Planned(key, file, name, shape, gguf.GGMLQuantizationType.F32 if keep_f32
+                               else OUTTYPES[outtype]))
+    if not any(p.name == "token_embd.weight" for p in out):
+        raise EdgeLLMError(f"{model_dir}: no token embedding tensor found")
+    return out
+
+
+def write_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, outtype: str, name: str) -> None:
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_block_count(config["num_hidden_layers"])
+    arch_name = gguf.MODEL_ARCH_NAMES[arch.gguf]
+    for suffix, keys in HPARAMS.items():
+        value = next((config[k] for k in keys if config.get(k) is not None), None)
+        if value is None:
+            continue
+        key = f"{arch_name}.{suffix}"
+        if isinstance(value, float) or suffix in ("rope.freq_base", "attention.layer_norm_rms_epsilon"):
+            writer.add_float32(key, float(value))
+        else:
+            writer.add_uint32(key, int(value))
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if arch.gguf == gguf.MODEL_ARCH.LLAMA:
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_rope_dimension_count(head)
+    if arch.head_dim_keys:
+        writer.add_key_length(head)
+        writer.add_value_length(head)
+    writer.add_file_type(FILE_TYPES[outtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def tensor_data(p: Planned, handle, config: dict, arch: Arch) -> np.ndarray:
+    w = handle.get_tensor(p.hf_name).astype(np.float32)
+    if arch.permute_qk and p.name.endswith("attn_q.weight"):
+        w = permute(w, config["num_attention_heads"], config["num_attention_heads"])
+    elif arch.permute_qk and p.name.endswith("attn_k.weight"):
+        w = permute(w, config["num_attention_heads"], config.get("num_key_value_heads"))
+    if p.qtype == gguf.GGMLQuantizationType.F32:
+        return w
+    if p.qtype == gguf.GGMLQuantizationType.F16:
+        return w.astype(np.float16)
+    return gguf.quants.quantize(w, p.qtype)
+
+
+def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force: bool = False,
+            progress=None) -> Path:
+    """Convert; `progress(done, total)` is called after each tensor. Returns the output path."""
+    model_dir, out = Path(model_dir), Path(out)
+    if outtype not in OUTTYPES:
+        raise EdgeLLMError(f"unknown outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
+    if out.exists() and not force:
+        raise EdgeLLMError(f"{out} exists; pass --force to overwrite it")
+    config, arch = load_config(model_dir)
+    tmp = out.with_name(f".{out.name}.partial")
+    with ExitStack() as stack:
+        planned = plan(model_dir, config, arch, outtype, stack)
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf])
+        try:
+            write_hparams(writer, config, arch, outtype, model_dir.name)
+            add_vocab(writer, model_dir, config["vocab_size"])
+            for p in planned:
+                byte_shape = (p.shape if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+                              else gguf.quants.quant_shape_to_byte_shape(p.shape, p.qtype))
+                dtype = {gguf.GGMLQuantizationType.F32: np.float32,
+                         gguf.GGMLQuantizationType.F16: np.float16}.get(p.qtype, np.uint8)
+                nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
+                writer.add_tensor_info(p.name, byte_shape, np.dtype(dtype), nbytes,
+                                       raw_dtype=None if dtype != np.uint8 else p.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            handles = {}
+            for i, p in enumerate(planned):
+                if p.file not in handles:
+                    handles[p.file] = stack.enter_context(safe_open(p.file, framework="numpy"))
+                writer.write_tensor_data(tensor_data(p, handles[p.file], config, arch))
+                if progress:
+                    progress(i + 1, len(planned))
+            writer.close()
+            os.replace(tmp, out)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    return out
+
+
+def iter_names(model_dir: Path) -> Iterator[str]:
+    """GGUF tensor names a conversion would write (for reports and tests)."""
+    config, arch = load_config(model_dir)
+    with ExitStack() as stack:
+        for p in plan(model_dir, config, arch, "f16", stack):
+            yield p.name
