@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default=None, help="output GGUF (default: the models dir)")
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("--no-report", action="store_true", help="skip the quality report after quantizing")
+    p.add_argument("--report", action="store_true",
+                   help="only report: compare the existing output (-o) with a fresh F16 of MODEL")
 
 
 def main(a: argparse.Namespace) -> int:
@@ -30,6 +33,7 @@ def main(a: argparse.Namespace) -> int:
 
     from .quantize.convert import convert, load_config, safetensor_files
     from .quantize.quantize import CONVERT_ONLY, check_type, quantize
+    from .quantize.report import measure
 
     src = Path(a.model).expanduser()
     if not src.is_dir():
@@ -38,6 +42,16 @@ def main(a: argparse.Namespace) -> int:
     check_type(qtype)  # an unknown type, or one that needs an imatrix, fails before any work
     load_config(src)
     out = Path(a.output).expanduser() if a.output else models_dir() / f"{src.name}-{qtype}.gguf"
+    if a.report:
+        if not out.exists():
+            raise EdgeLLMError(f"{out} does not exist; quantize first, or pass the file with -o")
+        reference = out.with_name(f".{out.stem}.f16.gguf")
+        try:
+            convert(src, reference, "f16", force=True)
+            print_report(reference, out, a.threads)
+        finally:
+            reference.unlink(missing_ok=True)
+        return 0
     if out.exists() and not a.force:
         raise EdgeLLMError(f"{out} exists; pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +63,7 @@ def main(a: argparse.Namespace) -> int:
         raise EdgeLLMError(f"not enough disk in {out.parent}: {free / 1e9:.1f} GB free, about "
                            f"{need / 1e9:.1f} GB needed")
 
+    quality = None
     with Progress(transient=True) as bar:
         task = bar.add_task("converting", total=None)
         progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
@@ -60,7 +75,19 @@ def main(a: argparse.Namespace) -> int:
                 convert(src, intermediate, "f16", force=True, progress=progress)
                 bar.update(task, description=f"quantizing to {qtype}", total=None)
                 quantize(intermediate, out, qtype, a.threads)
+                if not a.no_report:
+                    bar.update(task, description="measuring quality", total=None)
+                    quality = measure(intermediate, out, threads=a.threads)
             finally:
                 intermediate.unlink(missing_ok=True)  # a 7B model's F16 is 14 GB of a laptop's disk
     print(f"{out} ({out.stat().st_size / 1e6:,.0f} MB, {qtype})")
+    if quality is not None:
+        print("\n".join(quality.lines()))
     return 0
+
+
+def print_report(reference: Path, quantized: Path, threads: int | None) -> None:
+    from .quantize.report import measure
+
+    print(f"{quantized} against F16")
+    print("\n".join(measure(reference, quantized, threads=threads).lines()))

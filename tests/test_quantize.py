@@ -4,6 +4,7 @@ of each architecture; and each kind of bad input."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,14 @@ def test_quantize_command_makes_a_smaller_model_that_runs(cli, tmp_path: Path, s
     assert any(m["path"] == str(out) and m["quant"] == "Q4_K_M" for m in listed)
     run = cli("run", str(out), "Say hi.", "--temp", "0", "-n", "8", "--json")
     assert run.returncode == 0 and json.loads(run.stdout)["stats"]["generated_tokens"] > 0
+    # the quality report against the F16 reference, on held-out text
+    kld = float(re.search(r"mean KLD\s+([0-9.]+)", result.stdout)[1])
+    top1 = float(re.search(r"same top-1 ([0-9.]+)%", result.stdout)[1])
+    ppl_ref, ppl_q = map(float, re.search(r"F16 ([0-9.]+)\s+quantized ([0-9.]+)", result.stdout).groups())
+    assert 0.005 < kld < 0.2 and 75 < top1 < 100 and ppl_ref < ppl_q < 2 * ppl_ref, result.stdout
+    again = cli("quantize", str(smol_hf), "--type", "Q4_K_M", "--report", env={"EDGELLM_MODELS": str(models)})
+    assert again.returncode == 0 and f"mean KLD    {kld:.5f}" in again.stdout  # the same numbers, report alone
+    assert [p.name for p in models.iterdir()] == [out.name]
 
 
 def broken(tmp_path: Path, smol_hf: Path, case: str) -> Path:
