@@ -17,7 +17,9 @@ from .models import models_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("model", help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json) "
+                   "or hub repo id (owner/name)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit (with a repo id)")
     p.add_argument("--type", default="Q4_K_M", help="F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, "
                    "Q2_K, … (default: Q4_K_M)")
     p.add_argument("-o", "--output", default=None, help="output GGUF (default: the models dir)")
@@ -37,7 +39,7 @@ def main(a: argparse.Namespace) -> int:
 
     src = Path(a.model).expanduser()
     if not src.is_dir():
-        raise EdgeLLMError(f"{a.model} is not a folder; pass a Hugging Face model folder")
+        src = download(a.model, a.revision)
     qtype = a.type.upper()
     check_type(qtype)  # an unknown type, or one that needs an imatrix, fails before any work
     load_config(src)
@@ -84,6 +86,29 @@ def main(a: argparse.Namespace) -> int:
     if quality is not None:
         print("\n".join(quality.lines()))
     return 0
+
+
+# what a conversion needs from a hub repo; pickled weights (*.bin, *.pt, *.pth) are never fetched
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"]
+
+
+def download(repo: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from .models import _looks_like_repo
+
+    if not _looks_like_repo(repo):
+        raise EdgeLLMError(f"{repo} is neither a folder nor a Hugging Face repo id (owner/name)")
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError:
+        raise EdgeLLMError(f"repository {repo} not found on the hub (or it is private)") from None
+    except LocalEntryNotFoundError:
+        raise EdgeLLMError(f"{repo} is not cached and the hub cannot be reached (HF_HUB_OFFLINE?)") from None
+    except HfHubHTTPError as e:
+        raise EdgeLLMError(f"download from the hub failed: {str(e).splitlines()[0]}") from None
 
 
 def print_report(reference: Path, quantized: Path, threads: int | None) -> None:

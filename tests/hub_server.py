@@ -63,6 +63,8 @@ class Hub:
                 path = self.path.split("?", 1)[0]
                 if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path):
                     return self._tree(m[1], m[2])
+                if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", path):
+                    return self._info(m[1], m[2])
                 if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                     return self._file(m[1], m[2], m[3], head)
                 self._error(404, "RepoNotFound")
@@ -82,6 +84,18 @@ class Hub:
                     return
                 body = json.dumps([{"type": "file", "oid": hub.etag(p)[:40], "size": p.stat().st_size,
                                     "path": name} for name, p in files.items()]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _info(self, repo: str, revision: str) -> None:
+                files = self._repo(repo, revision)
+                if files is None:
+                    return
+                body = json.dumps({"id": repo, "sha": COMMIT, "private": False,
+                                   "siblings": [{"rfilename": name} for name in files]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -201,3 +201,23 @@ def test_types_that_cannot_be_made_are_refused(cli, tmp_path: Path, smol_hf: Pat
     assert result.returncode != 0 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_quantize_a_hub_repo_fetches_no_pickles(cli, tmp_path: Path, smol_hf: Path):
+    from hub_server import Hub
+
+    folder = tiny_checkpoint(tmp_path / "tiny", "Qwen2ForCausalLM", smol_hf)
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle that must never be fetched")
+    files = {p.name: p for p in folder.iterdir()}
+    with Hub({"test-org/tiny-qwen2": files}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_OFFLINE": "0"}
+        out = tmp_path / "tiny-q8.gguf"
+        result = cli("quantize", "test-org/tiny-qwen2", "--type", "Q8_0", "-o", str(out), env=env)
+        assert result.returncode == 0, result.stderr
+        assert out.read_bytes()[:4] == b"GGUF"
+        fetched = [r for r in hub.requests if r.startswith("GET ") and "/resolve/" in r]
+        assert any("model.safetensors" in r for r in fetched)
+        assert not any(".bin" in r for r in fetched)
+        missing = cli("quantize", "test-org/nothing-here", "--type", "Q8_0", "-o", str(tmp_path / "x.gguf"), env=env)
+        assert missing.returncode != 0 and "not found on the hub" in missing.stderr
