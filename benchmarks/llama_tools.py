@@ -56,6 +56,23 @@ def tool_paths(*targets: str) -> list[Path]:
     return [bin_dir / t for t in targets]
 
 
+# what llama.cpp's convert_hf_to_gguf.py needs (its requirements file pins transformers 4.57.6)
+REFERENCE_REQUIREMENTS = ["torch==2.13.0", "transformers==4.57.6", "sentencepiece", "protobuf>=4.21,<5", "numpy"]
+
+
+def reference_converter() -> tuple[Path, Path]:
+    """(python, convert_hf_to_gguf.py): llama.cpp's own converter in a cached venv of its own."""
+    script = sdist_dir() / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    venv = cache_dir() / "reference-venv"
+    python = venv / "bin" / "python"
+    stamp = venv / "requirements.txt"
+    if not (python.exists() and stamp.exists() and stamp.read_text() == "\n".join(REFERENCE_REQUIREMENTS)):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *REFERENCE_REQUIREMENTS], check=True)
+        stamp.write_text("\n".join(REFERENCE_REQUIREMENTS))
+    return python, script
+
+
 if __name__ == "__main__":
     for path in tool_paths(*(sys.argv[1:] or ["llama-bench"])):
         print(path)

@@ -17,8 +17,9 @@ class Arch:
 
 # config.json "architectures"[0] -> how to convert it
 ARCHS: dict[str, Arch] = {
-    "LlamaForCausalLM": Arch(MODEL_ARCH.LLAMA, permute_qk=True),
-    "MistralForCausalLM": Arch(MODEL_ARCH.LLAMA, permute_qk=True),
+    # transformers' Llama/Mistral configs always carry head_dim, so llama.cpp's converter writes it
+    "LlamaForCausalLM": Arch(MODEL_ARCH.LLAMA, permute_qk=True, head_dim_keys=True),
+    "MistralForCausalLM": Arch(MODEL_ARCH.LLAMA, permute_qk=True, head_dim_keys=True),
     "Qwen2ForCausalLM": Arch(MODEL_ARCH.QWEN2),
     "Qwen3ForCausalLM": Arch(MODEL_ARCH.QWEN3, head_dim_keys=True),
 }

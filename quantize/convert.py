@@ -118,9 +118,17 @@ def plan(model_dir: Path, config: dict, arch: Arch, outtype: str, stack: ExitSta
     return out
 
 
-def write_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, outtype: str, name: str) -> None:
+def write_metadata(writer: gguf.GGUFWriter, model_dir: Path) -> None:
+    """general.* (name, basename, size label, license…) the way llama.cpp's converter derives them."""
+    total, shared, expert, experts = writer.get_total_parameter_count()
+    metadata = gguf.Metadata.load(None, model_dir, None, total)
+    if metadata.size_label is None and total > 0:
+        metadata.size_label = gguf.size_label(total, shared, expert, experts)
     writer.add_type("model")
-    writer.add_name(name)
+    metadata.set_gguf_meta_model(writer)
+
+
+def write_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, outtype: str) -> None:
     writer.add_block_count(config["num_hidden_layers"])
     arch_name = gguf.MODEL_ARCH_NAMES[arch.gguf]
     for suffix, keys in HPARAMS.items():
@@ -170,8 +178,6 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
         planned = plan(model_dir, config, arch, outtype, stack)
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf])
         try:
-            write_hparams(writer, config, arch, outtype, model_dir.name)
-            add_vocab(writer, model_dir, config["vocab_size"])
             for p in planned:
                 byte_shape = (p.shape if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
                               else gguf.quants.quant_shape_to_byte_shape(p.shape, p.qtype))
@@ -180,6 +186,9 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
                 nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
                 writer.add_tensor_info(p.name, byte_shape, np.dtype(dtype), nbytes,
                                        raw_dtype=None if dtype != np.uint8 else p.qtype)
+            write_metadata(writer, model_dir)
+            write_hparams(writer, config, arch, outtype)
+            add_vocab(writer, model_dir, config["vocab_size"])
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()

@@ -221,3 +221,25 @@ def test_quantize_a_hub_repo_fetches_no_pickles(cli, tmp_path: Path, smol_hf: Pa
         assert not any(".bin" in r for r in fetched)
         missing = cli("quantize", "test-org/nothing-here", "--type", "Q8_0", "-o", str(tmp_path / "x.gguf"), env=env)
         assert missing.returncode != 0 and "not found on the hub" in missing.stderr
+
+
+def test_f16_is_tensor_for_tensor_identical_to_llama_cpp_converter(tmp_path: Path, smol_hf: Path, smol_f16: Path):
+    """The reference: llama.cpp's convert_hf_to_gguf.py from the same llama-cpp-python sdist, same folder."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from llama_tools import reference_converter
+
+    python, script = reference_converter()
+    reference = tmp_path / "reference-f16.gguf"
+    subprocess.run([str(python), str(script), str(smol_hf), "--outtype", "f16", "--outfile", str(reference)],
+                   check=True, capture_output=True)
+    ref, ours = gguf.GGUFReader(reference), gguf.GGUFReader(smol_f16)
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ref.tensors, ours.tensors, strict=True):
+        assert (a.tensor_type, list(a.shape)) == (b.tensor_type, list(b.shape)), a.name
+        assert a.data.tobytes() == b.data.tobytes(), a.name
+    ref_kv = {k: f.contents() for k, f in ref.fields.items()}
+    our_kv = {k: f.contents() for k, f in ours.fields.items()}
+    assert our_kv == ref_kv  # every key and value: architecture, tokenizer, general.* (order aside)
