@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def plan(model_dir: Path, config: dict, arch: Arch, outtype: str, stack: ExitStack) -> list[Planned]:
+def plan(model_dir: Path, config: dict, arch: Arch, outtype: str) -> list[Planned]:
     tmap = gguf.get_tensor_name_map(arch.gguf, config["num_hidden_layers"])
     shapes = expected_shapes(config)
     tied = config.get("tie_word_embeddings", False)
@@ -95,17 +94,16 @@ def plan(model_dir: Path, config: dict, arch: Arch, outtype: str, stack: ExitSta
         if not file.exists():
             raise EdgeLLMError(f"{file} is listed in the index but missing")
         try:
-            handle = stack.enter_context(safe_open(file, framework="numpy"))
-            keys = list(handle.keys())
+            with safe_open(file, framework="numpy") as handle:
+                shapes_in_file = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as e:
             raise EdgeLLMError(f"{file} is not a valid safetensors file ({e})") from None
-        for key in keys:
+        for key, shape in shapes_in_file.items():
             if key.endswith(SKIP) or (tied and key == "lm_head.weight"):
                 continue
             name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise EdgeLLMError(f"{file.name}: tensor {key!r} has no GGUF name for {arch.gguf.name.lower()}")
-            shape = tuple(handle.get_slice(key).get_shape())
             suffix = ".".join(name.split(".")[-2:]) if name.startswith("blk.") else name
             if suffix in shapes and shape != shapes[suffix]:
                 raise EdgeLLMError(f"{key} has shape {list(shape)} but config.json implies "
@@ -151,8 +149,13 @@ def write_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, outtype: st
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def tensor_data(p: Planned, handle, config: dict, arch: Arch) -> np.ndarray:
-    w = handle.get_tensor(p.hf_name).astype(np.float32)
+def tensor_data(p: Planned, config: dict, arch: Arch) -> np.ndarray:
+    # Open the file for this one tensor: its mapping (and the pages it made resident) goes away with it,
+    # so memory stays near the largest tensor instead of growing to the whole checkpoint.
+    with safe_open(p.file, framework="numpy") as handle:
+        w = handle.get_tensor(p.hf_name)
+    if p.qtype != gguf.GGMLQuantizationType.F16 or w.dtype != np.float16:
+        w = w.astype(np.float32)  # F16 -> F16 is copied as it is, everything else goes through F32
     if arch.permute_qk and p.name.endswith("attn_q.weight"):
         w = permute(w, config["num_attention_heads"], config["num_attention_heads"])
     elif arch.permute_qk and p.name.endswith("attn_k.weight"):
@@ -160,7 +163,7 @@ def tensor_data(p: Planned, handle, config: dict, arch: Arch) -> np.ndarray:
     if p.qtype == gguf.GGMLQuantizationType.F32:
         return w
     if p.qtype == gguf.GGMLQuantizationType.F16:
-        return w.astype(np.float16)
+        return w.astype(np.float16, copy=False)
     return gguf.quants.quantize(w, p.qtype)
 
 
@@ -174,43 +177,38 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
         raise EdgeLLMError(f"{out} exists; pass --force to overwrite it")
     config, arch = load_config(model_dir)
     tmp = out.with_name(f".{out.name}.partial")
-    with ExitStack() as stack:
-        planned = plan(model_dir, config, arch, outtype, stack)
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf])
-        try:
-            for p in planned:
-                byte_shape = (p.shape if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-                              else gguf.quants.quant_shape_to_byte_shape(p.shape, p.qtype))
-                dtype = {gguf.GGMLQuantizationType.F32: np.float32,
-                         gguf.GGMLQuantizationType.F16: np.float16}.get(p.qtype, np.uint8)
-                nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
-                writer.add_tensor_info(p.name, byte_shape, np.dtype(dtype), nbytes,
-                                       raw_dtype=None if dtype != np.uint8 else p.qtype)
-            write_metadata(writer, model_dir)
-            write_hparams(writer, config, arch, outtype)
-            add_vocab(writer, model_dir, config["vocab_size"])
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            handles = {}
-            for i, p in enumerate(planned):
-                if p.file not in handles:
-                    handles[p.file] = stack.enter_context(safe_open(p.file, framework="numpy"))
-                writer.write_tensor_data(tensor_data(p, handles[p.file], config, arch))
-                if progress:
-                    progress(i + 1, len(planned))
-            writer.close()
-            os.replace(tmp, out)
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
+    planned = plan(model_dir, config, arch, outtype)
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf])
+    try:
+        for p in planned:
+            byte_shape = (p.shape if p.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+                          else gguf.quants.quant_shape_to_byte_shape(p.shape, p.qtype))
+            dtype = {gguf.GGMLQuantizationType.F32: np.float32,
+                     gguf.GGMLQuantizationType.F16: np.float16}.get(p.qtype, np.uint8)
+            nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
+            writer.add_tensor_info(p.name, byte_shape, np.dtype(dtype), nbytes,
+                                   raw_dtype=None if dtype != np.uint8 else p.qtype)
+        write_metadata(writer, model_dir)
+        write_hparams(writer, config, arch, outtype)
+        add_vocab(writer, model_dir, config["vocab_size"])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, p in enumerate(planned):
+            writer.write_tensor_data(tensor_data(p, config, arch))
+            if progress:
+                progress(i + 1, len(planned))
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
 def iter_names(model_dir: Path) -> Iterator[str]:
     """GGUF tensor names a conversion would write (for reports and tests)."""
     config, arch = load_config(model_dir)
-    with ExitStack() as stack:
-        for p in plan(model_dir, config, arch, "f16", stack):
-            yield p.name
+    for p in plan(model_dir, config, arch, "f16"):
+        yield p.name
