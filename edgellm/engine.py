@@ -47,6 +47,7 @@ class LoadOptions:
     n_seq_max: int = 1
     kv_unified: bool = False  # one KV buffer shared by all sequences (token trees share their prefix)
     use_mmap: bool = True
+    eval_callback: object = None  # a ggml_backend_sched_eval_callback (the importance matrix uses one)
 
 
 @dataclass
@@ -173,6 +174,8 @@ class Engine:
         cparams.n_batch = cparams.n_ubatch = min(options.n_batch, n_ctx)
         cparams.n_seq_max = options.n_seq_max
         cparams.kv_unified = options.kv_unified
+        if options.eval_callback is not None:
+            cparams.cb_eval = options.eval_callback
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         cparams.type_k = GGMLQuantizationType[options.type_k.upper()].value
         cparams.type_v = GGMLQuantizationType[options.type_v.upper()].value

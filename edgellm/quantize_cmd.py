@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--no-report", action="store_true", help="skip the quality report after quantizing")
+    p.add_argument("--calibration", default=None, help="text for the importance matrix (default: assets/)")
+    p.add_argument("--imatrix", default=None, help="use this importance matrix file instead of computing one")
+    p.add_argument("--imatrix-chunks", type=int, default=32, help="512-token chunks of calibration text")
+    p.add_argument("--no-imatrix", action="store_true", help="quantize without an importance matrix")
     p.add_argument("--report", action="store_true",
                    help="only report: compare the existing output (-o) with a fresh F16 of MODEL")
 
@@ -34,6 +38,8 @@ def main(a: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from .quantize.convert import convert, load_config, safetensor_files
+    from .quantize.imatrix import ImportanceMatrix
+    from .quantize.imatrix import compute as compute_imatrix
     from .quantize.quantize import CONVERT_ONLY, check_type, quantize
     from .quantize.report import measure
 
@@ -41,7 +47,7 @@ def main(a: argparse.Namespace) -> int:
     if not src.is_dir():
         src = download(a.model, a.revision)
     qtype = a.type.upper()
-    check_type(qtype)  # an unknown type, or one that needs an imatrix, fails before any work
+    check_type(qtype, not a.no_imatrix)  # an unknown type, or one that needs an imatrix, fails before any work
     load_config(src)
     out = Path(a.output).expanduser() if a.output else models_dir() / f"{src.name}-{qtype}.gguf"
     if a.report:
@@ -75,8 +81,17 @@ def main(a: argparse.Namespace) -> int:
             intermediate = out.with_name(f".{out.stem}.f16.gguf")
             try:
                 convert(src, intermediate, "f16", force=True, progress=progress)
+                imatrix = None
+                if a.imatrix:
+                    imatrix = ImportanceMatrix.load(Path(a.imatrix).expanduser())
+                elif not a.no_imatrix:
+                    bar.update(task, description="importance matrix", total=None)
+                    text = Path(a.calibration).read_text(encoding="utf-8") if a.calibration else None
+                    imatrix = compute_imatrix(intermediate, text, max_chunks=a.imatrix_chunks, threads=a.threads,
+                                              dataset=a.calibration or "assets/calibration.txt")
+                    imatrix.save(out.with_name(f"{out.stem}.imatrix"))
                 bar.update(task, description=f"quantizing to {qtype}", total=None)
-                quantize(intermediate, out, qtype, a.threads)
+                quantize(intermediate, out, qtype, a.threads, imatrix)
                 if not a.no_report:
                     bar.update(task, description="measuring quality", total=None)
                     quality = measure(intermediate, out, threads=a.threads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -25,22 +26,29 @@ def file_type(name: str) -> gguf.LlamaFileType:
     raise EdgeLLMError(f"unknown quantization type {name!r}; known: {', '.join(names)}")
 
 
-def check_type(qtype: str) -> gguf.LlamaFileType:
+def check_type(qtype: str, with_imatrix: bool = False) -> gguf.LlamaFileType:
     """The file type for a name, or a one-line error (unknown, or needs an importance matrix)."""
     ftype = file_type(qtype)
-    if qtype.upper() in NEEDS_IMATRIX:
-        raise EdgeLLMError(f"{qtype.upper()} needs an importance matrix, which this version cannot make yet; "
-                           "pick Q2_K, Q3_K_M, Q4_K_M or higher")
+    if qtype.upper() in NEEDS_IMATRIX and not with_imatrix:
+        raise EdgeLLMError(f"{qtype.upper()} needs an importance matrix; drop --no-imatrix or pass --imatrix FILE")
     return ftype
 
 
-def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> Path:
-    """Quantize `src` into `out` (written under a temporary name, renamed at the end)."""
-    ftype = check_type(qtype)
+def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatrix=None) -> Path:
+    """Quantize `src` into `out` (written under a temporary name, renamed at the end).
+
+    `imatrix`: an imatrix.ImportanceMatrix, used for the types that take one.
+    """
+    from .imatrix import as_quantize_param
+
+    ftype = check_type(qtype, imatrix is not None)
     llama_runtime.init()
     params = C.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = threads or os.cpu_count() or 1
+    if imatrix is not None:
+        entries, _keep = as_quantize_param(imatrix)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(C.llama_model_imatrix_data))
     tmp = out.with_name(f".{out.name}.partial")
     try:
         rc = C.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
