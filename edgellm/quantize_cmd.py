@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imatrix", default=None, help="use this importance matrix file instead of computing one")
     p.add_argument("--imatrix-chunks", type=int, default=32, help="512-token chunks of calibration text")
     p.add_argument("--no-imatrix", action="store_true", help="quantize without an importance matrix")
+    p.add_argument("--draft", action="store_true",
+                   help="make a self-draft for speculative decoding: fewer layers (see --draft-keep), fewer bits")
+    p.add_argument("--draft-keep", type=float, default=0.5, help="share of the layers a self-draft keeps")
     p.add_argument("--report", action="store_true",
                    help="only report: compare the existing output (-o) with a fresh F16 of MODEL")
 
@@ -49,7 +52,8 @@ def main(a: argparse.Namespace) -> int:
     qtype = a.type.upper()
     check_type(qtype, not a.no_imatrix)  # an unknown type, or one that needs an imatrix, fails before any work
     load_config(src)
-    out = Path(a.output).expanduser() if a.output else models_dir() / f"{src.name}-{qtype}.gguf"
+    suffix = f"draft-{qtype}" if a.draft else qtype
+    out = Path(a.output).expanduser() if a.output else models_dir() / f"{src.name}-{suffix}.gguf"
     if a.report:
         if not out.exists():
             raise EdgeLLMError(f"{out} does not exist; quantize first, or pass the file with -o")
@@ -91,8 +95,14 @@ def main(a: argparse.Namespace) -> int:
                                               dataset=a.calibration or "assets/calibration.txt")
                     imatrix.save(out.with_name(f"{out.stem}.imatrix"))
                 bar.update(task, description=f"quantizing to {qtype}", total=None)
-                quantize(intermediate, out, qtype, a.threads, imatrix)
-                if not a.no_report:
+                prune = None
+                if a.draft:
+                    from .gguf_info import read_info
+                    from .quantize.quantize import draft_layers_to_drop
+
+                    prune = draft_layers_to_drop(read_info(intermediate).n_layer, a.draft_keep)
+                quantize(intermediate, out, qtype, a.threads, imatrix, prune)
+                if not a.no_report and not a.draft:  # a draft is not meant to match its target token for token
                     bar.update(task, description="measuring quality", total=None)
                     quality = measure(intermediate, out, threads=a.threads)
             finally:

@@ -34,10 +34,22 @@ def check_type(qtype: str, with_imatrix: bool = False) -> gguf.LlamaFileType:
     return ftype
 
 
-def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatrix=None) -> Path:
+def draft_layers_to_drop(n_layer: int, keep: float) -> list[int]:
+    """Layers to prune for a self-draft: evenly spread over the middle; the first and last two stay."""
+    n_drop = max(0, min(n_layer - 4, round(n_layer * (1 - keep))))
+    middle = list(range(2, n_layer - 2))
+    if n_drop == 0:
+        return []
+    step = len(middle) / n_drop
+    return sorted({middle[int(i * step)] for i in range(n_drop)})
+
+
+def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatrix=None,
+             prune: list[int] | None = None) -> Path:
     """Quantize `src` into `out` (written under a temporary name, renamed at the end).
 
-    `imatrix`: an imatrix.ImportanceMatrix, used for the types that take one.
+    `imatrix`: an imatrix.ImportanceMatrix, used for the types that take one. `prune`: layer indices to
+    drop (llama.cpp's layer pruning; the self-draft of speculative decoding).
     """
     from .imatrix import as_quantize_param
 
@@ -49,6 +61,9 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatr
     if imatrix is not None:
         entries, _keep = as_quantize_param(imatrix)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(C.llama_model_imatrix_data))
+    if prune:
+        layers = (ctypes.c_int32 * (len(prune) + 1))(*prune, -1)  # -1 ends the list
+        params.prune_layers = ctypes.cast(layers, ctypes.POINTER(ctypes.c_int32))
     tmp = out.with_name(f".{out.name}.partial")
     try:
         rc = C.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)

@@ -285,3 +285,17 @@ def test_very_low_bit_types_work_with_an_imatrix_file(cli, tmp_path: Path, smol_
                  "--no-report")
     assert result.returncode == 0, result.stderr
     assert out.exists() and out.read_bytes()[:4] == b"GGUF"
+
+
+def test_self_draft_has_fewer_layers_and_runs(cli, tmp_path: Path, smol_hf: Path, smol_imatrix):
+    from edgellm.gguf_info import read_info
+    from edgellm.quantize.quantize import draft_layers_to_drop
+
+    assert draft_layers_to_drop(30, 0.5) == [2, 3, 5, 7, 8, 10, 12, 14, 15, 17, 19, 21, 22, 24, 26]
+    out = tmp_path / "draft.gguf"
+    result = cli("quantize", str(smol_hf), "--draft", "--draft-keep", "0.85", "--type", "Q4_0",
+                 "--imatrix", str(smol_imatrix.save(tmp_path / "smol.imatrix")), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert read_info(out).n_layer == 30 - len(draft_layers_to_drop(30, 0.85)) < 30
+    run = cli("run", "smollm2-135m", "Say hi.", "--temp", "0", "-n", "8", "--draft", str(out), "--json")
+    assert run.returncode == 0, run.stderr  # the same vocabulary: accepted as a draft model

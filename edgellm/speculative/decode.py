@@ -130,9 +130,9 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
         for part in parts:
             if room <= 0:
                 break
-            want = room if not part.costly else policy.choose(f"{part.name}:new", room)
             if part.costly and not policy.could_pay(f"{part.name}:new"):
-                want = 0
+                continue  # even a 95%-right draft from this source would cost more than it saves
+            want = room if not part.costly else policy.choose(f"{part.name}:new", room)
             if want <= 0:
                 continue
             t_draft = time.perf_counter()

@@ -53,6 +53,7 @@ class SourceStats:
     live: dict[int, int] = field(default_factory=dict)  # proposal id -> matched tokens counted so far
     draft_cost: float = 0.0  # seconds per drafted token, relative to one target token
     off_steps: int = 0
+    pays: tuple[float, bool] | None = None  # could_pay's answer, for the draft_cost it was worked out for
 
     @property
     def acceptance(self) -> float:
@@ -123,10 +124,12 @@ class Policy:
         """
         if self.fixed is not None:
             return True
-        d = self.stats(source).draft_cost
-        return any((1 + OPTIMISTIC * (1 - OPTIMISTIC ** k) / (1 - OPTIMISTIC))
-                   / (self.curve.cost(k + 1) + k * d) > MARGIN
-                   for k in range(1, self.max_draft + 1))
+        s = self.stats(source)
+        if s.pays is None or s.pays[0] != s.draft_cost:  # worked out once per cost, not per token
+            d = s.draft_cost
+            s.pays = (d, any((1 + OPTIMISTIC * (1 - OPTIMISTIC ** k) / (1 - OPTIMISTIC))
+                             / (self.curve.cost(k + 1) + k * d) > MARGIN for k in range(1, self.max_draft + 1)))
+        return s.pays[1]
 
     def observe_draft_cost(self, source: str, seconds_per_token: float) -> None:
         s = self.stats(source)
