@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def _hub_cached_ggufs(repo: str) -> list[Path]:
                   for rev in r.revisions for f in rev.files if f.file_name.endswith(".gguf"))
 
 
-def _looks_like_repo(spec: str) -> bool:
+def looks_like_repo(spec: str) -> bool:
     parts = spec.split(":", 1)[0].split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
@@ -108,7 +109,7 @@ def resolve(spec: str | None = None) -> Path:
         raise ModelNotFound(f"model {spec!r} is not downloaded; run: edgellm pull {alias.repo} "
                             f"--file {alias.repo_file}")
 
-    if _looks_like_repo(spec):
+    if looks_like_repo(spec):
         repo, _, filename = spec.partition(":")
         if filename:
             found = _hub_cached(repo, filename)
@@ -192,9 +193,10 @@ def _pick_gguf(files: list[str]) -> str:
     return sorted(ggufs)[0]
 
 
-def pull(repo: str, filename: str | None = None, revision: str | None = None) -> Path:
-    """Download one GGUF with huggingface-hub into its cache (honours HF_ENDPOINT, HF_HUB_OFFLINE)."""
-    from huggingface_hub import HfApi, constants, hf_hub_download
+@contextmanager
+def hub_errors(repo: str, filename: str | None = None, revision: str | None = None) -> Iterator[None]:
+    """Turn huggingface-hub's exceptions into one-line EdgeLLMErrors that say what to do."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -203,23 +205,13 @@ def pull(repo: str, filename: str | None = None, revision: str | None = None) ->
         RevisionNotFoundError,
     )
 
-    if not _looks_like_repo(repo):
-        raise EdgeLLMError(f"{repo!r} is not a Hugging Face repo id (owner/name)")
-    offline = constants.HF_HUB_OFFLINE
+    target = f"{repo}/{filename}" if filename else repo
     try:
-        if filename is None:
-            if offline:
-                cached = _hub_cached_ggufs(repo)
-                if cached:
-                    return cached[0]
-                raise EdgeLLMError(f"offline (HF_HUB_OFFLINE=1) and {repo} is not cached; "
-                                   "connect or unset HF_HUB_OFFLINE")
-            filename = _pick_gguf(HfApi().list_repo_files(repo, revision=revision))
-        path = Path(hf_hub_download(repo, filename, revision=revision))
+        yield
     except LocalEntryNotFoundError:
-        why = "offline (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
-        raise EdgeLLMError(f"{why} and {repo}/{filename} is not cached; connect to the network "
-                           "(or set HF_ENDPOINT to a mirror) and pull again") from None
+        why = "offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise EdgeLLMError(f"{why} and {target} is not cached; connect to the network "
+                           "(or set HF_ENDPOINT to a mirror) and try again") from None
     except RepositoryNotFoundError:
         raise EdgeLLMError(f"repository {repo} not found on the hub (or it is private)") from None
     except RevisionNotFoundError:
@@ -230,5 +222,33 @@ def pull(repo: str, filename: str | None = None, revision: str | None = None) ->
         raise EdgeLLMError(f"download from the hub failed: {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise EdgeLLMError(f"download failed: {e}") from None
+
+
+def pull(repo: str, filename: str | None = None, revision: str | None = None) -> Path:
+    """Download one GGUF with huggingface-hub into its cache (honours HF_ENDPOINT, HF_HUB_OFFLINE)."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+
+    if not looks_like_repo(repo):
+        raise EdgeLLMError(f"{repo!r} is not a Hugging Face repo id (owner/name)")
+    with hub_errors(repo, filename, revision):
+        if filename is None:
+            if constants.HF_HUB_OFFLINE:
+                cached = _hub_cached_ggufs(repo)
+                if cached:
+                    return cached[0]
+                raise EdgeLLMError(f"offline (HF_HUB_OFFLINE=1) and {repo} is not cached; "
+                                   "connect or unset HF_HUB_OFFLINE")
+            filename = _pick_gguf(HfApi().list_repo_files(repo, revision=revision))
+        path = Path(hf_hub_download(repo, filename, revision=revision))
     read_info(path)  # a download that is not a valid GGUF is reported now, not at load time
     return path
+
+
+def snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:
+    """Download the files of a repo that match `patterns` (huggingface-hub's snapshot_download)."""
+    from huggingface_hub import snapshot_download
+
+    if not looks_like_repo(repo):
+        raise EdgeLLMError(f"{repo} is neither a folder nor a Hugging Face repo id (owner/name)")
+    with hub_errors(repo, revision=revision):
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .errors import EdgeLLMError
-from .models import models_dir
+from .models import models_dir, snapshot
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def main(a: argparse.Namespace) -> int:
 
     src = Path(a.model).expanduser()
     if not src.is_dir():
-        src = download(a.model, a.revision)
+        src = snapshot(a.model, a.revision, HUB_PATTERNS)
     qtype = a.type.upper()
     check_type(qtype, not a.no_imatrix)  # an unknown type, or one that needs an imatrix, fails before any work
     load_config(src)
@@ -116,24 +116,6 @@ def main(a: argparse.Namespace) -> int:
 # what a conversion needs from a hub repo; pickled weights (*.bin, *.pt, *.pth) are never fetched
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"]
-
-
-def download(repo: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    from .models import _looks_like_repo
-
-    if not _looks_like_repo(repo):
-        raise EdgeLLMError(f"{repo} is neither a folder nor a Hugging Face repo id (owner/name)")
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_PATTERNS))
-    except RepositoryNotFoundError:
-        raise EdgeLLMError(f"repository {repo} not found on the hub (or it is private)") from None
-    except LocalEntryNotFoundError:
-        raise EdgeLLMError(f"{repo} is not cached and the hub cannot be reached (HF_HUB_OFFLINE?)") from None
-    except HfHubHTTPError as e:
-        raise EdgeLLMError(f"download from the hub failed: {str(e).splitlines()[0]}") from None
 
 
 def print_report(reference: Path, quantized: Path, threads: int | None) -> None:
