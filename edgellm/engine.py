@@ -398,9 +398,6 @@ class Engine:
         finally:
             sampler.close()
 
-    def complete(self, prompt: str, **kwargs) -> Iterator[Record]:
-        return self.generate(self.tokenize(prompt), **kwargs)
-
     def chat(self, messages: list[dict[str, str]], **kwargs) -> Iterator[Record]:
         return self.generate(self.chat_tokens(messages), **kwargs)
 

@@ -109,10 +109,6 @@ class ModelInfo:
         return sum(t.n_elements for t in self.tensors)
 
     @property
-    def tensor_types(self) -> Counter[str]:
-        return Counter(t.type.name for t in self.tensors)
-
-    @property
     def file_type(self) -> str:
         """Quantization name as llama.cpp prints it (Q4_K_M, F16…), else the commonest tensor type."""
         value = self.metadata.get("general.file_type")

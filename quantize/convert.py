@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,10 +204,3 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
         tmp.unlink(missing_ok=True)
         raise
     return out
-
-
-def iter_names(model_dir: Path) -> Iterator[str]:
-    """GGUF tensor names a conversion would write (for reports and tests)."""
-    config, arch = load_config(model_dir)
-    for p in plan(model_dir, config, arch, "f16"):
-        yield p.name

@@ -11,7 +11,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import buildflags
@@ -23,7 +23,6 @@ DEPTH = 256  # context depth at which the curve is measured
 @dataclass
 class CostCurve:
     seconds: dict[int, float]  # batch size -> seconds for one decode of that many tokens
-    samples: dict[int, int] = field(default_factory=dict)
 
     @property
     def t1(self) -> float:
@@ -45,11 +44,6 @@ class CostCurve:
         """Fold in the time of a real batch (moving average), so the curve follows the machine."""
         if n in self.seconds:
             self.seconds[n] += weight * (seconds - self.seconds[n])
-            self.samples[n] = self.samples.get(n, 0) + 1
-
-    def ceiling(self, n: int) -> float:
-        """Speedup if every drafted token of an n-token batch were accepted and drafts were free."""
-        return n / self.cost(n)
 
 
 def _cache_path(engine) -> Path:
