@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType
 from . import chat_template, llama_runtime
 from .errors import EdgeLLMError, InvalidModel
 from .gguf_info import ModelInfo, read_info
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, logits_row
 from .textstream import TextStream
 
 DEFAULT_CTX = 4096
@@ -233,7 +233,7 @@ class Engine:
 
     def logits(self, index: int = -1) -> np.ndarray:
         """Output row `index` of the last decoded batch (-1: the last), as a numpy view."""
-        return np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        return logits_row(self.ctx, self.n_vocab, index)
 
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))

@@ -8,7 +8,6 @@ otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def main(a: argparse.Namespace) -> int:
         src = snapshot(a.model, a.revision, HUB_PATTERNS)
     qtype = a.type.upper()
     check_type(qtype, not a.no_imatrix)  # an unknown type, or one that needs an imatrix, fails before any work
-    load_config(src)
+    config, _ = load_config(src)
     suffix = f"draft-{qtype}" if a.draft else qtype
     out = Path(a.output).expanduser() if a.output else models_dir() / f"{src.name}-{suffix}.gguf"
     if a.report:
@@ -60,7 +59,7 @@ def main(a: argparse.Namespace) -> int:
         reference = out.with_name(f".{out.stem}.f16.gguf")
         try:
             convert(src, reference, "f16", force=True)
-            print_report(reference, out, a.threads)
+            print_report(out, measure(reference, out, threads=a.threads))
         finally:
             reference.unlink(missing_ok=True)
         return 0
@@ -68,7 +67,7 @@ def main(a: argparse.Namespace) -> int:
         raise EdgeLLMError(f"{out} exists; pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = sum(f.stat().st_size for f in safetensor_files(src) if f.exists())
-    dtype_bytes = {"float32": 4}.get(json.loads((src / "config.json").read_text()).get("torch_dtype"), 2)
+    dtype_bytes = {"float32": 4}.get(config.get("torch_dtype"), 2)
     need = weights * 2 // dtype_bytes + weights // 2  # the F16 intermediate, then the quantized file
     free = shutil.disk_usage(out.parent).free
     if free < need:
@@ -109,7 +108,7 @@ def main(a: argparse.Namespace) -> int:
                 intermediate.unlink(missing_ok=True)  # a 7B model's F16 is 14 GB of a laptop's disk
     print(f"{out} ({out.stat().st_size / 1e6:,.0f} MB, {qtype})")
     if quality is not None:
-        print("\n".join(quality.lines()))
+        print_report(out, quality)
     return 0
 
 
@@ -118,8 +117,6 @@ HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "gen
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"]
 
 
-def print_report(reference: Path, quantized: Path, threads: int | None) -> None:
-    from .quantize.report import measure
-
+def print_report(quantized: Path, quality) -> None:
     print(f"{quantized} against F16")
-    print("\n".join(measure(reference, quantized, threads=threads).lines()))
+    print("\n".join(quality.lines()))

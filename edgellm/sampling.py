@@ -30,6 +30,11 @@ class SamplingParams:
         return cls(temperature=0.0)
 
 
+def logits_row(ctx: ctypes.c_void_p, n_vocab: int, index: int = -1) -> np.ndarray:
+    """Output row `index` of the last decoded batch (-1: the last), as a numpy view (no copy)."""
+    return np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
+
+
 class Sampler:
     """Owns one llama_sampler chain; `sample(ctx, i)` picks a token from output row i and accepts it.
 
@@ -66,12 +71,8 @@ class Sampler:
 
     def sample(self, ctx: ctypes.c_void_p, index: int = -1) -> int:
         if self.argmax_only:
-            return int(self.logits(ctx, index).argmax())
+            return int(logits_row(ctx, self.n_vocab, index).argmax())
         return C.llama_sampler_sample(self._chain, ctx, index)
-
-    def logits(self, ctx: ctypes.c_void_p, index: int = -1) -> np.ndarray:
-        """Output row `index` of the last batch, as a numpy view (no copy)."""
-        return np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, index), shape=(self.n_vocab,))
 
     def close(self) -> None:
         if self._chain:
