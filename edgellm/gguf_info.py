@@ -55,6 +55,7 @@ class ModelInfo:
     version: int
     metadata: dict[str, Any]
     tensors: list[TensorInfo] = field(repr=False)
+    data_offset: int = 0  # where the tensor data section starts in the file
 
     @property
     def arch(self) -> str:
@@ -256,4 +257,5 @@ def _parse(buf: memoryview, path: Path, size: int) -> ModelInfo:
     if end > size:
         raise InvalidModel(f"{path} is truncated: its tensors need {end:,} bytes but the file has "
                            f"{size:,}; re-download it")
-    return ModelInfo(path=path, size_bytes=size, version=version, metadata=metadata, tensors=infos)
+    return ModelInfo(path=path, size_bytes=size, version=version, metadata=metadata, tensors=infos,
+                     data_offset=data_start)

@@ -29,6 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imatrix", default=None, help="use this importance matrix file instead of computing one")
     p.add_argument("--imatrix-chunks", type=int, default=32, help="512-token chunks of calibration text")
     p.add_argument("--no-imatrix", action="store_true", help="quantize without an importance matrix")
+    p.add_argument("--size", default=None, help="size budget for the file (300MB, 1.2GB): a type per tensor "
+                   "from measured sensitivity, lowest KL divergence that fits")
+    p.add_argument("--bpw", type=float, default=None, help="size budget in bits per weight (4.5)")
+    p.add_argument("--output-type", default=None, help="type for output.weight (Q6_K, Q8_0, F16…)")
+    p.add_argument("--embedding-type", default=None, help="type for token_embd.weight")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="type for the tensors whose name matches REGEX (repeatable; first match wins)")
     p.add_argument("--draft", action="store_true",
                    help="make a self-draft for speculative decoding: fewer layers (see --draft-keep), fewer bits")
     p.add_argument("--draft-keep", type=float, default=0.5, help="share of the layers a self-draft keeps")
@@ -42,7 +49,7 @@ def main(a: argparse.Namespace) -> int:
     from .quantize.convert import convert, load_config, safetensor_files
     from .quantize.imatrix import ImportanceMatrix
     from .quantize.imatrix import compute as compute_imatrix
-    from .quantize.quantize import CONVERT_ONLY, check_type, quantize
+    from .quantize.quantize import CONVERT_ONLY, check_type, quantize, tensor_type
     from .quantize.report import measure
 
     src = Path(a.model).expanduser()
@@ -50,8 +57,15 @@ def main(a: argparse.Namespace) -> int:
         src = snapshot(a.model, a.revision, HUB_PATTERNS)
     qtype = a.type.upper()
     check_type(qtype, not a.no_imatrix)  # an unknown type, or one that needs an imatrix, fails before any work
+    tensor_types = parse_tensor_types(a.tensor_type)
+    for name in (a.output_type, a.embedding_type):
+        if name:
+            tensor_type(name)
+    budget = budget_bytes(a)
+    if budget is not None and a.draft:
+        raise EdgeLLMError("--size/--bpw and --draft do not go together; a self-draft has its own mix")
     config, _ = load_config(src)
-    suffix = f"draft-{qtype}" if a.draft else qtype
+    suffix = f"draft-{qtype}" if a.draft else f"{a.size or f'{a.bpw}bpw'}" if budget is not None else qtype
     out = Path(a.output).expanduser() if a.output else models_dir() / f"{src.name}-{suffix}.gguf"
     if a.report:
         if not out.exists():
@@ -78,12 +92,20 @@ def main(a: argparse.Namespace) -> int:
     with Progress(transient=True) as bar:
         task = bar.add_task("converting", total=None)
         progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
-        if qtype in CONVERT_ONLY:
+        if qtype in CONVERT_ONLY and budget is None and not tensor_types:
             convert(src, out, CONVERT_ONLY[qtype], force=a.force, progress=progress)
+            if not a.no_report:
+                bar.update(task, description="measuring quality", total=None)
+                quality = report_direct(src, out, qtype, a.threads)
         else:
             intermediate = out.with_name(f".{out.stem}.f16.gguf")
             try:
                 convert(src, intermediate, "f16", force=True, progress=progress)
+                if budget is not None:  # an impossible budget fails now, not after the slow steps
+                    from .gguf_info import read_info
+                    from .quantize.budget import target_bytes
+
+                    target_bytes(read_info(intermediate), *budget)
                 imatrix = None
                 if a.imatrix:
                     imatrix = ImportanceMatrix.load(Path(a.imatrix).expanduser())
@@ -93,6 +115,14 @@ def main(a: argparse.Namespace) -> int:
                     imatrix = compute_imatrix(intermediate, text, max_chunks=a.imatrix_chunks, threads=a.threads,
                                               dataset=a.calibration or "assets/calibration.txt")
                     imatrix.save(out.with_name(f"{out.stem}.imatrix"))
+                if budget is not None:
+                    from .quantize.budget import plan
+
+                    bar.update(task, description="measuring sensitivity", total=None)
+                    mix = plan(intermediate, imatrix, budget[0], budget[1], a.threads, progress)
+                    qtype = mix.file_type()
+                    tensor_types = tensor_types | mix.overrides()  # the user's patterns first: they win
+                    print(f"size budget: {mix.file_bytes / 1e6:,.1f} MB planned, {mix.describe()}")
                 bar.update(task, description=f"quantizing to {qtype}", total=None)
                 prune = None
                 if a.draft:
@@ -100,7 +130,8 @@ def main(a: argparse.Namespace) -> int:
                     from .quantize.quantize import draft_layers_to_drop
 
                     prune = draft_layers_to_drop(read_info(intermediate).n_layer, a.draft_keep)
-                quantize(intermediate, out, qtype, a.threads, imatrix, prune)
+                quantize(intermediate, out, qtype, a.threads, imatrix, prune, tensor_types,
+                         a.output_type, a.embedding_type)
                 if not a.no_report and not a.draft:  # a draft is not meant to match its target token for token
                     bar.update(task, description="measuring quality", total=None)
                     quality = measure(intermediate, out, threads=a.threads)
@@ -115,6 +146,55 @@ def main(a: argparse.Namespace) -> int:
 # what a conversion needs from a hub repo; pickled weights (*.bin, *.pt, *.pth) are never fetched
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"]
+
+
+def budget_bytes(a: argparse.Namespace) -> tuple[int | None, float | None] | None:
+    """(bytes, None) for --size, (None, bits) for --bpw, None without a budget."""
+    from .quantize.budget import parse_size
+
+    if a.size and a.bpw:
+        raise EdgeLLMError("give --size or --bpw, not both")
+    if a.size:
+        return parse_size(a.size), None
+    if a.bpw is not None:
+        if not 1.5 <= a.bpw <= 16:
+            raise EdgeLLMError(f"--bpw {a.bpw} is out of range; use 1.5 to 16 bits per weight")
+        return None, a.bpw
+    return None
+
+
+def parse_tensor_types(items: list[str]) -> dict[str, str]:
+    """['attn_v=Q6_K', ...] -> {'attn_v': 'Q6_K'}, every regex and type checked."""
+    import re
+
+    from .quantize.quantize import tensor_type
+
+    out = {}
+    for item in items:
+        pattern, sep, name = item.rpartition("=")
+        if not sep or not pattern:
+            raise EdgeLLMError(f"--tensor-type {item!r}: write it as REGEX=TYPE, e.g. attn_v=Q6_K")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise EdgeLLMError(f"--tensor-type {item!r}: bad regex ({e})") from None
+        tensor_type(name)
+        out[pattern] = name.upper()
+    return out
+
+
+def report_direct(src: Path, out: Path, qtype: str, threads: int | None):
+    """The report for a type the converter writes itself: against an F16 made for it (F16: itself)."""
+    from .quantize.convert import convert
+    from .quantize.report import measure
+
+    if qtype == "F16":
+        return measure(out, out, threads=threads)
+    reference = out.with_name(f".{out.stem}.f16.gguf")
+    try:
+        return measure(convert(src, reference, "f16", force=True), out, threads=threads)
+    finally:
+        reference.unlink(missing_ok=True)
 
 
 def print_report(quantized: Path, quality) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from edgellm.errors import EdgeLLMError
 
-from .archs import ARCHS, HPARAMS, Arch, permute, supported
+from .archs import ARCHS, FLOAT_HPARAMS, HPARAMS, Arch, permute, supported
 from .vocab import add_vocab
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -36,6 +37,7 @@ class Planned:
     name: str  # GGUF name
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
+    data: np.ndarray | None = None  # a tensor made from the config, not read from a file
 
 
 def load_config(model_dir: Path) -> tuple[dict, Arch]:
@@ -69,7 +71,7 @@ def safetensor_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: dict, arch: Arch) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name suffix -> the (rows, cols) the config implies, for the checks before writing."""
     d, v = config["hidden_size"], config["vocab_size"]
     n_head = config["num_attention_heads"]
@@ -78,15 +80,29 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     ff = config.get("intermediate_size")
     out = {"token_embd.weight": (v, d), "output.weight": (v, d), "attn_q.weight": (n_head * head, d),
            "attn_k.weight": (n_kv * head, d), "attn_v.weight": (n_kv * head, d),
-           "attn_output.weight": (d, n_head * head)}
+           "attn_qkv.weight": ((n_head + 2 * n_kv) * head, d), "attn_output.weight": (d, n_head * head)}
     if ff:
-        out |= {"ffn_gate.weight": (ff, d), "ffn_up.weight": (ff, d), "ffn_down.weight": (d, ff)}
+        fused = arch.gguf == gguf.MODEL_ARCH.PHI3  # Phi-3 keeps gate and up in one matrix
+        out |= {"ffn_gate.weight": (ff, d), "ffn_up.weight": (2 * ff if fused else ff, d), "ffn_down.weight": (d, ff)}
     return out
+
+
+def read_tensor(file: Path, key: str) -> np.ndarray:
+    """One tensor of a safetensors file as numpy; BF16 (which numpy lacks) widened exactly to float32."""
+    with safe_open(file, framework="numpy") as handle:  # the header is validated here, before any read
+        if handle.get_slice(key).get_dtype() != "BF16":
+            return handle.get_tensor(key)
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(n))[key]
+    begin, end = entry["data_offsets"]
+    raw = np.fromfile(file, dtype=np.uint16, count=(end - begin) // 2, offset=8 + n + begin)
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
 
 
 def plan(model_dir: Path, config: dict, arch: Arch, outtype: str) -> list[Planned]:
     tmap = gguf.get_tensor_name_map(arch.gguf, config["num_hidden_layers"])
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(config, arch)
     tied = config.get("tie_word_embeddings", False)
     out = []
     for file in safetensor_files(model_dir):
@@ -110,6 +126,8 @@ def plan(model_dir: Path, config: dict, arch: Arch, outtype: str) -> list[Planne
             keep_f32 = len(shape) <= 1 or name.endswith("_norm.weight")
             out.append(Planned(key, file, name, shape, gguf.GGMLQuantizationType.F32 if keep_f32
                                else OUTTYPES[outtype]))
+    made = (arch.extra_tensors(config) if arch.extra_tensors else {}).items()  # llama.cpp writes these first
+    out = [Planned("", Path(), name, data.shape, gguf.GGMLQuantizationType.F32, data) for name, data in made] + out
     if not any(p.name == "token_embd.weight" for p in out):
         raise EdgeLLMError(f"{model_dir}: no token embedding tensor found")
     return out
@@ -133,10 +151,18 @@ def write_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, outtype: st
         if value is None:
             continue
         key = f"{arch_name}.{suffix}"
-        if isinstance(value, float) or suffix in ("rope.freq_base", "attention.layer_norm_rms_epsilon"):
+        if isinstance(value, float) or suffix in FLOAT_HPARAMS:
             writer.add_float32(key, float(value))
         else:
             writer.add_uint32(key, int(value))
+    written = {suffix for suffix, keys in HPARAMS.items() if any(config.get(k) is not None for k in keys)}
+    for suffix, config_key, default in arch.defaults:
+        if suffix not in written:
+            value = config.get(config_key, default)
+            key = f"{arch_name}.{suffix}"
+            writer.add_float32(key, float(value)) if isinstance(value, float) else writer.add_uint32(key, int(value))
+    if arch.extra:
+        arch.extra(writer, config)
     head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if arch.gguf == gguf.MODEL_ARCH.LLAMA:
         writer.add_vocab_size(config["vocab_size"])
@@ -151,8 +177,9 @@ def write_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, outtype: st
 def tensor_data(p: Planned, config: dict, arch: Arch) -> np.ndarray:
     # Open the file for this one tensor: its mapping (and the pages it made resident) goes away with it,
     # so memory stays near the largest tensor instead of growing to the whole checkpoint.
-    with safe_open(p.file, framework="numpy") as handle:
-        w = handle.get_tensor(p.hf_name)
+    w = p.data if p.data is not None else read_tensor(p.file, p.hf_name)
+    if arch.norm_shift and p.name.endswith("norm.weight"):
+        w = w + w.dtype.type(arch.norm_shift)  # in the checkpoint's dtype, as llama.cpp's converter adds it
     if p.qtype != gguf.GGMLQuantizationType.F16 or w.dtype != np.float16:
         w = w.astype(np.float32)  # F16 -> F16 is copied as it is, everything else goes through F32
     if arch.permute_qk and p.name.endswith("attn_q.weight"):
@@ -189,7 +216,7 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16", force:
                                    raw_dtype=None if dtype != np.uint8 else p.qtype)
         write_metadata(writer, model_dir)
         write_hparams(writer, config, arch, outtype)
-        add_vocab(writer, model_dir, config["vocab_size"])
+        add_vocab(writer, model_dir, config["vocab_size"], arch)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

@@ -27,6 +27,7 @@ BLOCK_NAMES = [f"model.layers.{{i}}.{n}" for n in (
     "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
     "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
     "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+    "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight",  # Gemma 3
     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
 
 
@@ -58,6 +59,7 @@ def export(gguf_path: Path, out_dir: Path, dtype: str = "float16") -> Path:
     n_head_kv = int(hp("attention.head_count_kv", n_head))
     names = gguf_to_hf_names(arch, n_blocks)
     permute = ARCHS[HF_ARCH[arch]].permute_qk
+    shift = ARCHS[HF_ARCH[arch]].norm_shift
 
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
@@ -68,6 +70,8 @@ def export(gguf_path: Path, out_dir: Path, dtype: str = "float16") -> Path:
             w = unpermute(w, n_head, n_head)
         elif permute and t.name.endswith("attn_k.weight"):
             w = unpermute(w, n_head, n_head_kv)
+        elif shift and t.name.endswith("norm.weight"):
+            w = w - np.float32(shift)
         tensors[names[t.name]] = w.astype(np.float32 if w.ndim == 1 else np.dtype(dtype))
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,13 +86,62 @@ def export(gguf_path: Path, out_dir: Path, dtype: str = "float16") -> Path:
         "rope_theta": float(hp("rope.freq_base", 10000.0)), "vocab_size": len(tokens),
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+        "pad_token_id": ids["padding"], "unk_token_id": ids["unknown"],
     }
+    if arch == gguf.MODEL_ARCH.GEMMA3:  # transformers' Gemma3TextConfig
+        head_dim = int(hp("attention.key_length"))
+        config |= {"model_type": "gemma3_text", "head_dim": head_dim, "query_pre_attn_scalar": head_dim,
+                   "sliding_window": int(hp("attention.sliding_window")), "sliding_window_pattern": 6,
+                   "rope_local_base_freq": 10000.0, "hidden_activation": "gelu_pytorch_tanh",
+                   "final_logit_softcapping": hp("final_logit_softcapping"), "attn_logit_softcapping": None}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(meta, out_dir, ids)
     return out_dir
 
 
+def _write_sentencepiece(meta: dict[str, Any], out_dir: Path, ids: dict[str, int | None]) -> None:
+    """tokenizer.model (a SentencePiece BPE model with byte fallback) from the GGUF's pieces, scores, types."""
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    proto = spm.ModelProto()
+    tokens, scores, types = (meta[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
+    for token, score, kind in zip(tokens, scores, types, strict=True):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = token, score
+        # GGUF's token types are SentencePiece's numbers; user-defined ones come back via added_tokens_decoder
+        piece.type = kind if kind != gguf.TokenType.USER_DEFINED else gguf.TokenType.NORMAL
+    spec = proto.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = spm.TrainerSpec.BPE, len(tokens), True
+    spec.unk_id, spec.bos_id, spec.eos_id = ids["unknown"] or 0, ids["bos"] or -1, ids["eos"] or -1
+    spec.pad_id = ids["padding"] if ids["padding"] is not None else -1
+    norm = proto.normalizer_spec
+    norm.name, norm.escape_whitespaces, norm.remove_extra_whitespaces = "identity", True, False
+    norm.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    (out_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
+    user_defined = {str(i): {"content": t, "special": False} for i, (t, k) in enumerate(zip(tokens, types, strict=True))
+                    if k == gguf.TokenType.USER_DEFINED}
+    _write_tokenizer_config(meta, out_dir, ids, {"added_tokens_decoder": user_defined} if user_defined else {})
+
+
+def _write_tokenizer_config(meta: dict[str, Any], out_dir: Path, ids: dict[str, int | None],
+                            extra: dict[str, Any]) -> None:
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    name = lambda i: tokens[i] if i is not None else None  # noqa: E731
+    model = meta.get("tokenizer.ggml.model")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast" if model == "gpt2" else "GemmaTokenizer",
+              "bos_token": name(ids["bos"]), "eos_token": name(ids["eos"]), "unk_token": name(ids["unknown"]),
+              "pad_token": name(ids["padding"]),
+              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)), **extra}
+    if meta.get("tokenizer.chat_template"):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
 def _write_tokenizer(meta: dict[str, Any], out_dir: Path, ids: dict[str, int | None]) -> None:
+    if meta.get("tokenizer.ggml.model") == "llama":
+        _write_sentencepiece(meta, out_dir, ids)
+        return
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta["tokenizer.ggml.token_type"]
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -111,11 +164,4 @@ def _write_tokenizer(meta: dict[str, Any], out_dir: Path, ids: dict[str, int | N
                   "vocab": vocab, "merges": list(meta.get("tokenizer.ggml.merges", []))},
     }
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-    name = lambda i: tokens[i] if i is not None else None  # noqa: E731
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(ids["bos"]),
-              "eos_token": name(ids["eos"]), "unk_token": name(ids["unknown"]), "pad_token": name(ids["padding"]),
-              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
-    if meta.get("tokenizer.chat_template"):
-        config["chat_template"] = meta["tokenizer.chat_template"]
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    _write_tokenizer_config(meta, out_dir, ids, {})

@@ -26,6 +26,15 @@ def file_type(name: str) -> gguf.LlamaFileType:
     raise EdgeLLMError(f"unknown quantization type {name!r}; known: {', '.join(names)}")
 
 
+def tensor_type(name: str) -> int:
+    """A ggml tensor type by name (Q6_K, IQ4_NL, F16…), or a one-line error."""
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        known = ", ".join(t.name for t in gguf.GGMLQuantizationType)
+        raise EdgeLLMError(f"unknown tensor type {name!r}; known: {known}") from None
+
+
 def check_type(qtype: str, with_imatrix: bool = False) -> gguf.LlamaFileType:
     """The file type for a name, or a one-line error (unknown, or needs an importance matrix)."""
     ftype = file_type(qtype)
@@ -45,11 +54,14 @@ def draft_layers_to_drop(n_layer: int, keep: float) -> list[int]:
 
 
 def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatrix=None,
-             prune: list[int] | None = None) -> Path:
+             prune: list[int] | None = None, tensor_types: dict[str, str] | None = None,
+             output_type: str | None = None, embedding_type: str | None = None) -> Path:
     """Quantize `src` into `out` (written under a temporary name, renamed at the end).
 
     `imatrix`: an imatrix.ImportanceMatrix, used for the types that take one. `prune`: layer indices to
-    drop (llama.cpp's layer pruning; the self-draft of speculative decoding).
+    drop (llama.cpp's layer pruning; the self-draft of speculative decoding). `tensor_types`: regex of
+    tensor names -> type, first match wins (llama-quantize's --tensor-type); `output_type` and
+    `embedding_type`: types for output.weight and token_embd.weight.
     """
     from .imatrix import as_quantize_param
 
@@ -61,6 +73,19 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatr
     if imatrix is not None:
         entries, _keep = as_quantize_param(imatrix)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(C.llama_model_imatrix_data))
+    keep = []
+    if tensor_types:
+        table = (C.llama_model_tensor_override * (len(tensor_types) + 1))()  # a NULL pattern ends it
+        for row, (pattern, name) in zip(table, tensor_types.items(), strict=False):  # the table has one more
+            raw = pattern.encode()
+            keep.append(raw)
+            row.pattern, row.type = raw, tensor_type(name)
+        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(C.llama_model_tensor_override))
+        keep.append(table)
+    if output_type:
+        params.output_tensor_type = tensor_type(output_type)
+    if embedding_type:
+        params.token_embedding_type = tensor_type(embedding_type)
     if prune:
         layers = (ctypes.c_int32 * (len(prune) + 1))(*prune, -1)  # -1 ends the list
         params.prune_layers = ctypes.cast(layers, ctypes.POINTER(ctypes.c_int32))

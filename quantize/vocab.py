@@ -1,6 +1,9 @@
-"""tokenizer.json (byte-level BPE) -> GGUF tokenizer metadata, the way llama.cpp's converter does it.
+"""Tokenizer -> GGUF tokenizer metadata, the way llama.cpp's converter does it.
 
-Tokens and their types follow `convert_hf_to_gguf.py`'s `get_vocab_base`; merges, special token ids,
+Two kinds: byte-level BPE from tokenizer.json (Qwen, SmolLM2, Llama 3), and SentencePiece from
+tokenizer.model (Gemma, Phi-3, Llama 2), read with the `sentencepiece` library. BPE tokens and their
+types follow `convert_hf_to_gguf.py`'s `get_vocab_base`, SentencePiece ones its
+`_create_vocab_sentencepiece`; merges, special token ids,
 add-BOS/EOS flags and the chat template come from gguf-py's `SpecialVocab`. The pre-tokenizer name
 is found like llama.cpp finds it: the ids of a fixed check text, encoded by the model's own tokenizer
 (the `tokenizers` library, which transformers' fast tokenizers are), hashed and looked up.
@@ -16,6 +19,8 @@ from typing import Any
 import gguf
 
 from edgellm.errors import EdgeLLMError
+
+from .archs import Arch
 
 # convert_hf_to_gguf.py's check text for pre-tokenizers (get_vocab_base_pre)
 CHECK_TEXT = (
@@ -94,10 +99,67 @@ def bpe_tokens(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
+def spm_tokens(model_dir: Path, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types from tokenizer.model, then added tokens; padded to vocab_size."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(model_dir / "tokenizer.model"))
+    except (OSError, RuntimeError) as e:
+        raise EdgeLLMError(f"{model_dir}/tokenizer.model is not a SentencePiece model ({e})") from None
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        kind = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+                else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
+                else gguf.TokenType.NORMAL)
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i), sp.GetScore(i), kind
+    added_file = model_dir / "added_tokens.json"
+    added = json.loads(added_file.read_text(encoding="utf-8")) if added_file.exists() else {}
+    for token, i in added.items():
+        if i < vocab_size:
+            tokens[i], scores[i], types[i] = token, -1000.0, gguf.TokenType.USER_DEFINED
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    for key, entry in config.get("added_tokens_decoder", {}).items():
+        i, token = int(key), entry["content"]
+        if i >= vocab_size:
+            continue
+        if entry.get("special") or looks_special(token):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            token = token.replace("\u2581", " ")  # user-defined spaces are stored pre-normalized
+            types[i] = gguf.TokenType.USER_DEFINED
+        tokens[i], scores[i] = token, -1000.0
+    return tokens, scores, types
+
+
+def uses_sentencepiece(model_dir: Path, arch: Arch) -> bool:
+    if not arch.sentencepiece or not (model_dir / "tokenizer.model").exists():
+        return False
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    return config.get("tokenizer_class") != "GPT2Tokenizer"  # Phi-4 ships both and means BPE
+
+
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, arch: Arch) -> None:
+    if uses_sentencepiece(model_dir, arch):
+        tokens, scores, types = spm_tokens(model_dir, vocab_size)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        if arch.add_space_prefix is not None:
+            writer.add_add_space_prefix(arch.add_space_prefix)
+        return
     path = model_dir / "tokenizer.json"
     if not path.exists():
-        raise EdgeLLMError(f"{model_dir} has no tokenizer.json; a tokenizer is needed to convert")
+        what = "tokenizer.json or tokenizer.model" if arch.sentencepiece else "tokenizer.json"
+        raise EdgeLLMError(f"{model_dir} has no {what}; a tokenizer is needed to convert")
     tokens, types = bpe_tokens(model_dir, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(path))
