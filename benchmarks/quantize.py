@@ -2,7 +2,9 @@
 """`edgellm quantize` against llama.cpp's convert_hf_to_gguf.py + llama-quantize, in one run.
 
 A real-weight checkpoint is made by exporting a dev GGUF (default Qwen2.5-Coder-0.5B) to an HF folder.
-Each step runs in its own process under GNU time: wall seconds and peak RSS.
+Each step runs in its own process under GNU time: wall seconds and peak RSS. Two comparisons: without
+an importance matrix (convert_hf_to_gguf.py + llama-quantize against `edgellm quantize --no-imatrix`),
+and with one from the same calibration text and chunk count (+ llama-imatrix against the default).
 
     python benchmarks/quantize.py [--model qwen2.5-coder-0.5b] [--type Q4_K_M]
 """
@@ -20,14 +22,17 @@ from llama_tools import reference_converter, tool_paths
 
 from edgellm.models import resolve
 from edgellm.quantize.export import export
+from edgellm.quantize.imatrix import CALIBRATION
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in GB) of one command."""
-    out = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
-    seconds, kb = out.stderr.strip().splitlines()[-1].split()
+    with tempfile.NamedTemporaryFile("r") as report:
+        out = subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%e %M", *cmd], capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
+        seconds, kb = report.read().split()
     return float(seconds), int(kb) / 1e6
 
 
@@ -35,23 +40,35 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--type", default="Q4_K_M")
+    ap.add_argument("--chunks", type=int, default=32, help="512-token chunks for the importance matrices")
     a = ap.parse_args()
     python, script = reference_converter()
-    (llama_quantize,) = tool_paths("llama-quantize")
+    llama_quantize, llama_imatrix = tool_paths("llama-quantize", "llama-imatrix")
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
         hf = export(resolve(a.model), Path(tmp) / "hf")
-        ref_f16, ref_q, ours = (Path(tmp) / n for n in ("ref-f16.gguf", "ref-q.gguf", "ours.gguf"))
-        t_conv, m_conv = timed([str(python), str(script), str(hf), "--outtype", "f16", "--outfile", str(ref_f16)])
-        t_quant, m_quant = timed([str(llama_quantize), str(ref_f16), str(ref_q), a.type, "2"])
-        t_ours, m_ours = timed([sys.executable, "-m", "edgellm.cli", "quantize", str(hf), "--type", a.type,
-                                "-o", str(ours), "--no-report", "-t", "2"])
+        f16, im, ref_q, ref_qi, ours, ours_i = (Path(tmp) / n for n in (
+            "ref-f16.gguf", "ref.imatrix.gguf", "ref-q.gguf", "ref-qi.gguf", "ours.gguf", "ours-i.gguf"))
+        conv = timed([str(python), str(script), str(hf), "--outtype", "f16", "--outfile", str(f16)])
+        quant = timed([str(llama_quantize), str(f16), str(ref_q), a.type, "2"])
+        imat = timed([str(llama_imatrix), "-m", str(f16), "-f", str(CALIBRATION), "-c", "512", "--chunks",
+                      str(a.chunks), "-t", "2", "-o", str(im)])
+        quant_i = timed([str(llama_quantize), "--imatrix", str(im), str(f16), str(ref_qi), a.type, "2"])
+        edgellm = [sys.executable, "-m", "edgellm.cli", "quantize", str(hf), "--type", a.type, "--no-report",
+                   "-t", "2", "--imatrix-chunks", str(a.chunks)]
+        plain = timed([*edgellm, "--no-imatrix", "-o", str(ours)])
+        guided = timed([*edgellm, "-o", str(ours_i)])
         print(f"{a.model} -> {a.type}")
-        print(f"llama.cpp convert_hf_to_gguf.py (F16)  {t_conv:6.1f} s  peak {m_conv:.2f} GB")
-        print(f"llama.cpp llama-quantize               {t_quant:6.1f} s  peak {m_quant:.2f} GB")
-        print(f"llama.cpp total                        {t_conv + t_quant:6.1f} s  peak {max(m_conv, m_quant):.2f} GB")
-        print(f"edgellm quantize (one command)         {t_ours:6.1f} s  peak {m_ours:.2f} GB")
-        print(f"time ratio {t_ours / (t_conv + t_quant):.2f}, memory ratio {m_ours / max(m_conv, m_quant):.2f}; "
-              f"output sizes {ours.stat().st_size / 1e6:.1f} MB vs {ref_q.stat().st_size / 1e6:.1f} MB")
+        rows = [("llama.cpp convert_hf_to_gguf.py (F16)", conv), ("llama.cpp llama-quantize", quant),
+                ("llama.cpp llama-imatrix", imat), ("llama.cpp llama-quantize --imatrix", quant_i)]
+        for label, (t, m) in rows:
+            print(f"{label:<44}{t:6.1f} s  peak {m:.2f} GB")
+        for label, steps, (t, m), out, ref in (
+                ("no importance matrix", (conv, quant), plain, ours, ref_q),
+                ("with importance matrix", (conv, imat, quant_i), guided, ours_i, ref_qi)):
+            t_ref, m_ref = sum(s[0] for s in steps), max(s[1] for s in steps)
+            print(f"{label}: llama.cpp {t_ref:.1f} s, peak {m_ref:.2f} GB; edgellm quantize (one command) "
+                  f"{t:.1f} s, peak {m:.2f} GB; time ratio {t / t_ref:.2f}, memory ratio {m / m_ref:.2f}; "
+                  f"sizes {out.stat().st_size / 1e6:.1f} MB vs {ref.stat().st_size / 1e6:.1f} MB")
     return 0
 
 

@@ -42,15 +42,22 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _chunk_logprobs(engine: Engine, chunk: list[int], first: int) -> np.ndarray:
+    """Log-probabilities after each of chunk[first:-1]: the context in one go, then the scored part in
+    batches of n_batch (llama.cpp sizes its output buffers by the batch: 0.6 MB a row on a 150k vocabulary)."""
     engine.reset()
-    engine.decode(chunk, all_logits=True)
-    return _log_softmax(np.stack([engine.logits(i) for i in range(first, len(chunk) - 1)]))
+    engine.decode(chunk[:first])
+    rows = []
+    for start in range(first, len(chunk) - 1, engine.n_batch):
+        piece = chunk[start:min(start + engine.n_batch, len(chunk) - 1)]
+        engine.decode(piece, all_logits=True)
+        rows += [engine.logits(i).copy() for i in range(len(piece))]
+    return _log_softmax(np.stack(rows))
 
 
 def measure(reference: Path, quantized: Path, text: str | None = None, n_ctx: int = 512,
             chunks: int = 4, threads: int | None = None) -> Quality:
     text = text if text is not None else HELDOUT.read_text(encoding="utf-8")
-    options = LoadOptions(n_ctx=n_ctx, n_threads=threads, n_batch=n_ctx)
+    options = LoadOptions(n_ctx=n_ctx, n_threads=threads, n_batch=128)
     with Engine(reference, options) as ref, Engine(quantized, options) as q:
         tokens = ref.tokenize(text, add_special=False)
         pieces = [tokens[i:i + n_ctx] for i in range(0, len(tokens) - n_ctx + 1, n_ctx)][:chunks]

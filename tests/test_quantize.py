@@ -460,3 +460,43 @@ def test_direct_types_get_a_quality_report_too(cli, tmp_path: Path, smol_hf: Pat
     assert result.returncode == 0, result.stderr
     kld = float(re.search(r"mean KLD\s+([0-9.]+)", result.stdout)[1])
     assert 0 < kld < 0.01 and list(tmp_path.glob(".*")) == []  # the F16 made for the report is gone
+
+
+def test_bf16_checkpoints_convert_exactly(tmp_path: Path, smol_hf: Path):
+    """Most hub checkpoints are BF16, which numpy (and so safetensors' numpy loader) lacks."""
+    import struct
+
+    from safetensors.numpy import load_file
+
+    folder = tiny_checkpoint(tmp_path / "tiny", "LlamaForCausalLM", smol_hf)
+    tensors = {k: (v.view(np.uint32) & 0xFFFF0000).view(np.float32) for k, v in
+               load_file(folder / "model.safetensors").items()}  # values a BF16 file holds exactly
+    save_file(tensors, str(folder / "model.safetensors"))
+    as_f32 = convert(folder, tmp_path / "f32.gguf", "f32")
+    header, offset, blobs = {}, 0, []
+    for name, v in tensors.items():
+        raw = (v.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    text = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    as_bf16 = convert(folder, tmp_path / "bf16.gguf", "f32")
+    for a, b in zip(gguf.GGUFReader(as_f32).tensors, gguf.GGUFReader(as_bf16).tensors, strict=True):
+        assert a.data.tobytes() == b.data.tobytes(), a.name
+
+
+def test_not_enough_disk_is_one_line_before_any_work(tmp_path: Path, smol_hf: Path, monkeypatch, capsys):
+    """A full disk cannot be made on demand here, so the one OS call that reports free space is replaced."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from edgellm.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda _path: usage(10**9, 10**9 - 10**6, 10**6))
+    out = tmp_path / "out.gguf"
+    assert main(["quantize", str(smol_hf), "--type", "Q4_K_M", "-o", str(out)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not enough disk" in err[0] and "GB needed" in err[0]
+    assert list(tmp_path.iterdir()) == []
