@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Quantization quality, measured in one run: no importance matrix, ours, and llama-imatrix's.
 
-A real-weight HF folder is exported from a dev GGUF (default SmolLM2-135M) and converted to F16. The
+A real-weight HF folder is exported from a dev GGUF (default SmolLM2-135M), dithered (`--dither`,
+Gaussian noise of 0.1 x each row's spread: a dequantized GGUF sits on its quantization grid, which a
+finer type of the same family can hold exactly; the noise leaves every type the error it has on a
+trained checkpoint), and converted to F16. The
 importance matrices are computed from the same calibration text (assets/calibration.txt) with the
 same chunking; each quantized model is compared with the F16 on held-out text (assets/heldout.txt):
 mean KL divergence, same-top-1 rate, perplexity. Then the size budget: for each type, `--size` set to
@@ -38,18 +41,19 @@ def main() -> int:
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M")
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dither", type=float, default=0.1, help="noise added to the export (0: none)")
     a = ap.parse_args()
     (llama_imatrix,) = tool_paths("llama-imatrix")
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
         tmp = Path(tmp)
-        f16 = convert(export(resolve(a.model), tmp / "hf"), tmp / "f16.gguf")
+        f16 = convert(export(resolve(a.model), tmp / "hf", dither=a.dither), tmp / "f16.gguf")
         ours = compute(f16, max_chunks=a.chunks, threads=a.threads)
         theirs_path = tmp / "llama.imatrix.gguf"
         subprocess.run([str(llama_imatrix), "-m", str(f16), "-f", str(CALIBRATION), "-c", "512", "--chunks",
                         str(a.chunks), "-t", str(a.threads), "-o", str(theirs_path)],
                        check=True, capture_output=True)
         theirs = ImportanceMatrix.load(theirs_path)
-        print(f"{a.model}: importance matrices from {ours.chunks} chunks of 512 tokens; "
+        print(f"{a.model} (dither {a.dither}): importance matrices from {ours.chunks} chunks of 512 tokens; "
               f"llama-imatrix's has {len(theirs.sums)} tensors, ours {len(ours.sums)}")
         print(f"{'type':<8}{'imatrix':<14}{'size MB':>9}{'mean KLD':>10}{'top-1':>8}{'PPL':>8}")
         fixed = {}

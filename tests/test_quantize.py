@@ -404,18 +404,47 @@ def test_allocation_spends_the_budget_where_it_removes_most_divergence():
         parse_size("lots")
 
 
-def test_size_budget_fits_the_file_and_beats_llama_cpp_mix_of_that_size(cli, tmp_path: Path, smol_hf: Path,
-                                                                        smol_f16: Path, smol_imatrix):
-    """The issue's goal, on real SmolLM2 weights: at the size of llama.cpp's Q3_K_M (both with an importance
-    matrix), at most 0.8x its mean KL divergence on held-out text."""
+@pytest.fixture(scope="session")
+def smol_dithered(tmp_path_factory, smollm2: Path):
+    """SmolLM2 exported with dither (see export): weights off the Q4_1 grid the GGUF stored them on."""
+    from edgellm.quantize.imatrix import compute
+
+    folder = export(smollm2, tmp_path_factory.mktemp("dithered") / "SmolLM2-135M-dithered", dither=0.1)
+    f16 = convert(folder, folder.parent / "dithered-f16.gguf")
+    return folder, f16, compute(f16, max_chunks=6, threads=2)
+
+
+def test_dither_takes_the_weights_off_the_source_grid(smol_f16: Path, smol_dithered, smol_imatrix):
+    """Why quantizers are compared on dithered exports: Q5_1 holds the Q4_1 original exactly."""
+    from gguf import GGMLQuantizationType as T
+
+    from edgellm.gguf_info import read_info
+    from edgellm.quantize.budget import weights
+    from edgellm.quantize.ggml_quant import round_trip
+
+    name = "blk.5.ffn_up.weight"
+
+    def error(f16: Path, importance, qtype) -> float:
+        w = np.asarray(weights(read_info(f16))[name][:128], np.float32)
+        return float(np.sqrt(np.mean((round_trip(w, qtype, importance) - w) ** 2)) / w.std())
+
+    on_grid = error(smol_f16, smol_imatrix.means()[name], T.Q5_1)
+    dithered = error(smol_dithered[1], smol_dithered[2].means()[name], T.Q5_1)
+    assert on_grid < 0.005 < 0.03 < dithered < 0.06, (on_grid, dithered)  # a Gaussian's Q5_1 error: ~0.043
+
+
+def test_size_budget_fits_the_file_and_beats_llama_cpp_mix_of_that_size(cli, tmp_path: Path, smol_dithered):
+    """The issue's goal, on real SmolLM2 weights (dithered): at the size of llama.cpp's Q3_K_M (both with an
+    importance matrix), at most 0.8x its mean KL divergence on held-out text."""
     from edgellm.quantize.quantize import quantize
     from edgellm.quantize.report import measure
 
-    fixed = quantize(smol_f16, tmp_path / "q3_k_m.gguf", "Q3_K_M", 2, smol_imatrix)
-    reference = measure(smol_f16, fixed, threads=2)
+    folder, f16, imatrix = smol_dithered
+    fixed = quantize(f16, tmp_path / "q3_k_m.gguf", "Q3_K_M", 2, imatrix)
+    reference = measure(f16, fixed, threads=2)
     out = tmp_path / "budget.gguf"
-    result = cli("quantize", str(smol_hf), "--size", str(fixed.stat().st_size), "-o", str(out),
-                 "--imatrix", str(smol_imatrix.save(tmp_path / "smol.imatrix")), "-t", "2")
+    result = cli("quantize", str(folder), "--size", str(fixed.stat().st_size), "-o", str(out),
+                 "--imatrix", str(imatrix.save(tmp_path / "smol.imatrix")), "-t", "2")
     assert result.returncode == 0, result.stderr
     assert "size budget:" in result.stdout
     assert out.stat().st_size <= fixed.stat().st_size
