@@ -11,6 +11,7 @@ import llama_cpp as C
 
 from edgellm import llama_runtime
 from edgellm.errors import EdgeLLMError
+from edgellm.gguf_info import read_info
 
 # types llama-quantize refuses to make without an importance matrix
 NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
@@ -34,6 +35,16 @@ def tensor_type(name: str) -> int:
     except KeyError:
         known = ", ".join(t.name for t in gguf.GGMLQuantizationType)
         raise EdgeLLMError(f"unknown tensor type {name!r}; known: {known}") from None
+
+
+def check_fits(src: Path, tensor: str, qtype: str) -> None:
+    """llama.cpp has no fallback for --output-type/--embedding-type: a type whose blocks do not divide
+    the rows fails deep inside it, so say so first."""
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor_type(qtype))][0]
+    for t in read_info(src).tensors:
+        if t.name == tensor and t.shape[0] % block:
+            raise EdgeLLMError(f"{qtype.upper()} packs rows in blocks of {block}, but {tensor} has rows of "
+                               f"{t.shape[0]}; pick a type with blocks of 32 (Q8_0, Q5_0, Q4_0, IQ4_NL)")
 
 
 def check_type(qtype: str, with_imatrix: bool = False) -> gguf.LlamaFileType:
@@ -86,6 +97,9 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatr
             row.pattern, row.type = raw, tensor_type(name)
         params.tt_overrides = ctypes.cast(table, ctypes.POINTER(C.llama_model_tensor_override))
         keep.append(table)
+    for name, wanted in (("output.weight", output_type), ("token_embd.weight", embedding_type)):
+        if wanted:
+            check_fits(src, name, wanted)
     if output_type:
         params.output_tensor_type = tensor_type(output_type)
     if embedding_type:

@@ -458,7 +458,7 @@ def test_size_budget_fits_the_file_and_beats_llama_cpp_mix_of_that_size(cli, tmp
     (["--size", "1KB"], "below the smallest mix"), (["--size", "lots"], "cannot read size"),
     (["--size", "1GB", "--bpw", "4"], "not both"), (["--bpw", "0.5"], "out of range"),
     (["--tensor-type", "attn_v"], "REGEX=TYPE"), (["--tensor-type", "attn_v=Q9_Z"], "unknown tensor type"),
-    (["--output-type", "Q9_Z"], "unknown tensor type"),
+    (["--output-type", "Q9_Z"], "unknown tensor type"), (["--embedding-type", "Q6_K"], "blocks of 256"),
 ])
 def test_bad_budget_and_type_options_give_one_line(cli, tmp_path: Path, smol_hf: Path, args: list[str],
                                                    message: str):
