@@ -529,3 +529,27 @@ def test_not_enough_disk_is_one_line_before_any_work(tmp_path: Path, smol_hf: Pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not enough disk" in err[0] and "GB needed" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sharded_checkpoint_converts_like_a_single_file(tmp_path: Path, smol_hf: Path):
+    from safetensors.numpy import load_file
+
+    folder = tiny_checkpoint(tmp_path / "tiny", "Qwen2ForCausalLM", smol_hf)
+    single = convert(folder, tmp_path / "single.gguf")
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, str(folder / file))
+    (folder / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    sharded = convert(folder, tmp_path / "sharded.gguf")
+    a, b = gguf.GGUFReader(single), gguf.GGUFReader(sharded)
+    assert sorted(t.name for t in a.tensors) == sorted(t.name for t in b.tensors)
+    mine = {t.name: t.data.tobytes() for t in b.tensors}
+    assert all(mine[t.name] == t.data.tobytes() for t in a.tensors)
+    (folder / shards.popitem()[0]).unlink()  # an index naming a missing shard: one clear error
+    with pytest.raises(Exception, match="listed in the index but missing"):
+        convert(folder, tmp_path / "broken.gguf")
+    assert not (tmp_path / "broken.gguf").exists()
