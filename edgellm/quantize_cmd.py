@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imatrix-chunks", type=int, default=32, help="512-token chunks of calibration text")
     p.add_argument("--no-imatrix", action="store_true", help="quantize without an importance matrix")
     p.add_argument("--size", default=None, help="size budget for the file (300MB, 1.2GB): a type per tensor "
-                   "from measured sensitivity, lowest KL divergence that fits")
+                   "from measured sensitivity, lowest KL divergence that fits (--type is then ignored)")
     p.add_argument("--bpw", type=float, default=None, help="size budget in bits per weight (4.5)")
     p.add_argument("--output-type", default=None, help="type for output.weight (Q6_K, Q8_0, F16…)")
     p.add_argument("--embedding-type", default=None, help="type for token_embd.weight")
