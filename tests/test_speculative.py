@@ -184,6 +184,26 @@ def test_policy_turns_lookup_on_when_it_pays_and_off_when_not():
     assert policy.choose("edit:new", 32) > 0
 
 
+def test_verified_drafts_that_fall_short_scale_the_expectation_down_then_are_forgiven():
+    policy = Policy(synthetic_curve())
+    for entry in range(20):  # the scores say: long runs of right tokens
+        policy.update("edit:run", 32, 32, entry, final=True)
+    k = policy.choose("edit:run", 32)
+    before = policy.gain("edit:run", k)
+    assert k > 0 and before > 1.5
+    expected = policy.stats("edit:run").expected_accepted(k)
+    for _ in range(6):  # but every verified draft is cut at once (the edits come in bursts)
+        policy.settle("edit:run", expected, 0)
+    assert policy.stats("edit:run").calibration < 0.3
+    assert policy.gain("edit:run", k) < before and policy.choose("edit:run", 32) == 0  # off
+    for _ in range(200):  # off for a while, nothing verified: the shortfall fades and it comes back on
+        policy.choose("edit:run", 32)
+    assert policy.choose("edit:run", 32) > 0
+    for _ in range(20):  # drafts that deliver more than expected never raise it above the model
+        policy.settle("edit:run", expected, 32)
+    assert policy.stats("edit:run").calibration == 1.0
+
+
 def test_policy_keeps_an_expensive_draft_model_off():
     policy = Policy(synthetic_curve())
     policy.observe_draft_cost("draft:new", 0.57 * 0.033)  # the 0.5B drafting for the 1.5B

@@ -146,6 +146,7 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
                 k = policy.choose(source, len(proposal)) if not part.costly else len(proposal)
                 scoring[len(tokens)] = (source, proposal, len(tokens))
                 draft = proposal[:k]
+                expected = policy.stats(source).expected_accepted(len(draft)) if draft else 0.0
                 break
 
         alternatives: list[list[int]] = []
@@ -188,6 +189,8 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
             yield record
             tokens.append(token)
         if draft:
+            if policy.fixed is None:
+                policy.settle(source, expected, min(accepted, len(draft)))
             engine.truncate(len(tokens))  # drop the rejected drafts from the KV cache
             in_run[source.split(":")[0]] = accepted >= len(draft)
             score()

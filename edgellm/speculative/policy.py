@@ -16,6 +16,11 @@ own cost per token, 0 for lookups) and yields 1 + accepted tokens; plain decodin
 decoding by a margin. Because lookups keep being scored while off, speculation turns itself back on
 when the text starts repeating. A draft model, whose proposals cost time, is re-tried with a short
 probe now and then, and never asked at all where even a 95%-right draft could not pay.
+
+The p/a model is optimistic where acceptance comes in bursts (an edit prompt copies long stretches,
+then departs for a few tokens): it predicts long accepted runs at the wrong moments. So the drafts
+that were verified settle the account: per source and state, the tokens accepted against the tokens
+the model expected for them (recent steps weigh most) scale the expectation down, or back up.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ OPTIMISTIC = 0.95  # acceptance of the best drafts, for deciding whether a costl
 PROBE_EVERY = 32  # steps between short re-tries of a costly source that is off
 DECAY = 0.995  # per scored token: older evidence fades
 PRIOR = (1.0, 1.0)  # (kept, lost) a new source starts with: a = 0.5
+SETTLE_DECAY = 0.85  # per verified draft: how fast the realized/expected ratio follows the text
+SETTLE_PRIOR = 2.0  # expected tokens the ratio starts with (at 1.0)
+FORGIVE = 0.05  # per step spent off: share of the shortfall forgotten (the text may have changed)
 
 
 @dataclass
@@ -54,6 +62,12 @@ class SourceStats:
     draft_cost: float = 0.0  # seconds per drafted token, relative to one target token
     off_steps: int = 0
     pays: tuple[float, bool] | None = None  # could_pay's answer, for the draft_cost it was worked out for
+    realized: float = SETTLE_PRIOR  # accepted tokens of verified drafts (decayed)
+    expected: float = SETTLE_PRIOR  # what the model expected for those drafts (decayed)
+
+    @property
+    def calibration(self) -> float:
+        return min(1.0, self.realized / self.expected)  # never more hopeful than the model itself
 
     @property
     def acceptance(self) -> float:
@@ -82,7 +96,8 @@ class Policy:
 
     def gain(self, source: str, k: int) -> float:
         s = self.stats(source)
-        return (1 + s.expected_accepted(k)) / (self.curve.cost(k + 1) + k * s.draft_cost)
+        expected = s.expected_accepted(k) * s.calibration
+        return (1 + expected) / (self.curve.cost(k + 1) + k * s.draft_cost)
 
     def best(self, source: str, available: int) -> tuple[int, float]:
         best_k, best = 0, MARGIN
@@ -100,6 +115,8 @@ class Policy:
             return min(self.fixed, available)
         k, _ = self.best(source, available)
         s = self.stats(source)
+        if k == 0 and s.realized < s.expected:  # off, nothing verified: the old shortfall fades
+            s.realized += FORGIVE * (s.expected - s.realized)
         if k == 0 and s.draft_cost > 0 and self.could_pay(source):
             s.off_steps += 1
             if s.off_steps >= PROBE_EVERY:  # a costly source is only scored when asked: probe it
@@ -114,6 +131,12 @@ class Policy:
         s.count(s.live.pop(entry, 0), matched, proposed, final)
         if not final:
             s.live[entry] = matched
+
+    def settle(self, source: str, expected: float, accepted: int) -> None:
+        """A verified draft: the model expected `expected` accepted tokens, `accepted` were."""
+        s = self.stats(source)
+        s.realized = s.realized * SETTLE_DECAY + accepted
+        s.expected = s.expected * SETTLE_DECAY + expected
 
     def could_pay(self, source: str) -> bool:
         """Whether this source beats plain decoding for some k if it were as good as drafts get.
