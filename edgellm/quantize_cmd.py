@@ -70,12 +70,7 @@ def main(a: argparse.Namespace) -> int:
     if a.report:
         if not out.exists():
             raise EdgeLLMError(f"{out} does not exist; quantize first, or pass the file with -o")
-        reference = out.with_name(f".{out.stem}.f16.gguf")
-        try:
-            convert(src, reference, "f16", force=True)
-            print_report(out, measure(reference, out, threads=a.threads))
-        finally:
-            reference.unlink(missing_ok=True)
+        print_report(out, report_against_f16(src, out, a.threads))
         return 0
     if out.exists() and not a.force:
         raise EdgeLLMError(f"{out} exists; pass --force to overwrite it")
@@ -96,7 +91,9 @@ def main(a: argparse.Namespace) -> int:
             convert(src, out, CONVERT_ONLY[qtype], force=a.force, progress=progress)
             if not a.no_report:
                 bar.update(task, description="measuring quality", total=None)
-                quality = report_direct(src, out, qtype, a.threads)
+                # F16 is its own reference; the others are compared with an F16 made for the report
+                quality = (measure(out, out, threads=a.threads) if qtype == "F16"
+                           else report_against_f16(src, out, a.threads))
         else:
             intermediate = out.with_name(f".{out.stem}.f16.gguf")
             try:
@@ -183,13 +180,11 @@ def parse_tensor_types(items: list[str]) -> dict[str, str]:
     return out
 
 
-def report_direct(src: Path, out: Path, qtype: str, threads: int | None):
-    """The report for a type the converter writes itself: against an F16 made for it (F16: itself)."""
+def report_against_f16(src: Path, out: Path, threads: int | None):
+    """`out` measured against a fresh F16 of `src`, which is deleted afterwards."""
     from .quantize.convert import convert
     from .quantize.report import measure
 
-    if qtype == "F16":
-        return measure(out, out, threads=threads)
     reference = out.with_name(f".{out.stem}.f16.gguf")
     try:
         return measure(convert(src, reference, "f16", force=True), out, threads=threads)

@@ -30,7 +30,7 @@ from edgellm.gguf_info import ModelInfo, read_info
 
 from .ggml_quant import round_trip, row_bytes
 from .imatrix import GGML_OP_MUL_MAT, GGMLTensor, ImportanceMatrix
-from .report import HELDOUT
+from .report import HELDOUT, log_softmax
 
 GGML_OP_GET_ROWS = 40  # enum ggml_op in the vendored ggml.h
 # candidates by row length: K-quants and IQ4_XS need rows of 256, the others rows of 32
@@ -158,8 +158,7 @@ def measure_gains(f16: Path, mats: dict[str, np.ndarray], importance: dict[str, 
             engine.reset()
             engine.decode(chunk, all_logits=True)
             logits = np.ctypeslib.as_array(C.llama_get_logits(engine.ctx), shape=(len(chunk), engine.n_vocab))
-            shifted = logits - logits.max(axis=-1, keepdims=True)
-            return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+            return log_softmax(logits, np.float32)  # float32: this runs once per matrix
 
         base = logprobs()
         p_base = np.exp(base)
@@ -222,15 +221,19 @@ def _slope(a: Option, b: Option) -> float:
     return (b.kld - a.kld) / (b.n_bytes - a.n_bytes)  # negative; steeper = better
 
 
+def fixed_bytes(info: ModelInfo, mats: dict[str, np.ndarray]) -> int:
+    """The file's bytes that no plan changes: metadata, vocabulary, norms, whatever is not in `mats`."""
+    return info.size_bytes - sum(t.n_bytes for t in info.tensors if t.name in mats)
+
+
 def target_bytes(info: ModelInfo, size_bytes: int | None, bpw: float | None) -> int:
     """The budget in bytes; a one-line error when even the cheapest candidate types do not fit it."""
     if size_bytes is None:
         if bpw is None:
             raise ValueError("give a size or bits per weight")
         size_bytes = int(bpw * info.n_params / 8)
-    shapes = {t.name: t for t in info.tensors}
     mats = weights(info)
-    smallest = info.size_bytes - sum(shapes[n].n_bytes for n in mats) + sum(
+    smallest = fixed_bytes(info, mats) + sum(
         w.shape[0] * min(row_bytes(q, w.shape[1]) for q in candidates(w.shape[1])) for w in mats.values())
     if size_bytes < smallest:
         raise EdgeLLMError(f"a budget of {size_bytes / 1e6:,.1f} MB is below the smallest mix for this model "
@@ -246,8 +249,7 @@ def plan(f16: Path, imatrix: ImportanceMatrix | None, size_bytes: int | None = N
     if not mats:
         raise EdgeLLMError(f"{f16.name} has no F16/F32 matrices to quantize")
     size_bytes = target_bytes(info, size_bytes, bpw)
-    by_name = {t.name: t for t in info.tensors}
-    fixed = info.size_bytes - sum(by_name[n].n_bytes for n in mats)
+    fixed = fixed_bytes(info, mats)
     importance = imatrix.means() if imatrix is not None else {}
     errors = {name: quantization_errors(w, importance.get(name)) for name, w in mats.items()}
     gains = measure_gains(f16, mats, importance, errors, threads=threads, progress=progress)

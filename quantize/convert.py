@@ -146,21 +146,23 @@ def write_metadata(writer: gguf.GGUFWriter, model_dir: Path) -> None:
 def write_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, outtype: str) -> None:
     writer.add_block_count(config["num_hidden_layers"])
     arch_name = gguf.MODEL_ARCH_NAMES[arch.gguf]
-    for suffix, keys in HPARAMS.items():
-        value = next((config[k] for k in keys if config.get(k) is not None), None)
-        if value is None:
-            continue
+    written = set()
+
+    def put(suffix: str, value: object) -> None:
         key = f"{arch_name}.{suffix}"
         if isinstance(value, float) or suffix in FLOAT_HPARAMS:
             writer.add_float32(key, float(value))
         else:
             writer.add_uint32(key, int(value))
-    written = {suffix for suffix, keys in HPARAMS.items() if any(config.get(k) is not None for k in keys)}
+        written.add(suffix)
+
+    for suffix, keys in HPARAMS.items():
+        value = next((config[k] for k in keys if config.get(k) is not None), None)
+        if value is not None:
+            put(suffix, value)
     for suffix, config_key, default in arch.defaults:
         if suffix not in written:
-            value = config.get(config_key, default)
-            key = f"{arch_name}.{suffix}"
-            writer.add_float32(key, float(value)) if isinstance(value, float) else writer.add_uint32(key, int(value))
+            put(suffix, config.get(config_key, default))
     if arch.extra:
         arch.extra(writer, config)
     head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]

@@ -34,18 +34,10 @@ def row_bytes(qtype: T, n_per_row: int) -> int:
     return int(libggml.ggml_row_size(int(qtype), n_per_row))
 
 
-def block_size(qtype: T) -> int:
-    return int(libggml.ggml_get_type_traits(int(qtype)).contents.blck_size)
-
-
 def round_trip(rows: np.ndarray, qtype: T, importance: np.ndarray | None = None) -> np.ndarray:
     """`rows` (float32, rows x n) quantized to `qtype` and back to float32."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n_rows, n = rows.shape
-    if qtype == T.F32:
-        return rows.copy()
-    if qtype == T.F16:
-        return rows.astype(np.float16).astype(np.float32)
     packed = np.empty(n_rows * row_bytes(qtype, n), dtype=np.uint8)
     weights = None
     if importance is not None:

@@ -37,13 +37,16 @@ def tensor_type(name: str) -> int:
         raise EdgeLLMError(f"unknown tensor type {name!r}; known: {known}") from None
 
 
-def check_fits(src: Path, tensor: str, qtype: str) -> None:
+def check_fits(src: Path, wanted: dict[str, str]) -> None:
     """llama.cpp has no fallback for --output-type/--embedding-type: a type whose blocks do not divide
-    the rows fails deep inside it, so say so first."""
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor_type(qtype))][0]
+    the rows fails deep inside it, so say so first. `wanted`: tensor name -> type."""
     for t in read_info(src).tensors:
-        if t.name == tensor and t.shape[0] % block:
-            raise EdgeLLMError(f"{qtype.upper()} packs rows in blocks of {block}, but {tensor} has rows of "
+        qtype = wanted.get(t.name)
+        if qtype is None:
+            continue
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor_type(qtype))][0]
+        if t.shape[0] % block:
+            raise EdgeLLMError(f"{qtype.upper()} packs rows in blocks of {block}, but {t.name} has rows of "
                                f"{t.shape[0]}; pick a type with blocks of 32 (Q8_0, Q5_0, Q4_0, IQ4_NL)")
 
 
@@ -97,9 +100,9 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatr
             row.pattern, row.type = raw, tensor_type(name)
         params.tt_overrides = ctypes.cast(table, ctypes.POINTER(C.llama_model_tensor_override))
         keep.append(table)
-    for name, wanted in (("output.weight", output_type), ("token_embd.weight", embedding_type)):
-        if wanted:
-            check_fits(src, name, wanted)
+    wanted = {name: t for name, t in (("output.weight", output_type), ("token_embd.weight", embedding_type)) if t}
+    if wanted:
+        check_fits(src, wanted)
     if output_type:
         params.output_tensor_type = tensor_type(output_type)
     if embedding_type:

@@ -35,8 +35,8 @@ class Quality:
                 f"size        {self.size_bytes / 1e6:,.1f} MB   {self.bits_per_weight:.2f} bits per weight"]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
+def log_softmax(logits: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    x = logits.astype(dtype)
     x -= x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
@@ -51,7 +51,7 @@ def _chunk_logprobs(engine: Engine, chunk: list[int], first: int) -> np.ndarray:
         piece = chunk[start:min(start + engine.n_batch, len(chunk) - 1)]
         engine.decode(piece, all_logits=True)
         rows += [engine.logits(i).copy() for i in range(len(piece))]
-    return _log_softmax(np.stack(rows))
+    return log_softmax(np.stack(rows))
 
 
 def measure(reference: Path, quantized: Path, text: str | None = None, n_ctx: int = 512,
