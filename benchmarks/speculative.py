@@ -9,7 +9,7 @@ the edit-aware lookup's own proposals on this machine's measured cost curve (a r
 output): what the drafts and the machine allow, before the policy's guesses.
 
     python benchmarks/speculative.py [--target qwen2.5-coder-1.5b] [--draft qwen2.5-coder-0.5b]
-                                     [--methods edit,tree,draft,auto,ngram] [--n 192]
+                                     [--methods edit,tree,draft,auto,ngram] [--n 192] [--repeat 3]
 Models: python3 ../shared/dev-models/fetch.py --all
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prompts import EDIT, GENERATION
 
-from edgellm.engine import Engine
+from edgellm.engine import Engine, Stats
 from edgellm.sampling import SamplingParams
 from edgellm.speculative.costs import CostCurve, load_or_measure
 from edgellm.speculative.drafters import (
@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=192)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="run only prompts whose name contains this")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each method per prompt (median shown)")
     a = ap.parse_args()
     methods = a.methods.split(",")
 
@@ -76,6 +77,9 @@ def main() -> int:
     curve = load_or_measure(target)
     print(f"target {target.path.name}, {a.threads} threads; batch cost c(n) relative to one token: "
           + ", ".join(f"c({n})={curve.cost(n):.2f}" for n in (2, 4, 8, 16, 32)))
+    # a drafter that knew the whole answer: every batch as long as pays best, every token accepted
+    best_n = max(range(1, Policy(curve).max_draft + 2), key=lambda n: n / curve.cost(n))
+    print(f"every token drafted right: {best_n / curve.cost(best_n):.2f}x at {best_n} tokens per batch")
 
     def speculator(method: str) -> Speculator:
         if method == "tree":
@@ -103,20 +107,26 @@ def main() -> int:
                 return records[-1].stats.decode_tps, [r.token for r in records if r.token is not None]
 
             # plain runs between the methods: each method is compared with the plain runs beside it,
-            # so the machine's drift (±10% over minutes here) does not land on one side
+            # so the machine's drift (±10% over minutes here) does not land on one side; with
+            # --repeat R a method's figures are those of its median run of R
             before, out = plain_run()
             plains = [before]
+            runs: dict[str, list[tuple[float, float, Stats]]] = {m: [] for m in methods}
+            for _ in range(a.repeat):
+                for method in methods:
+                    target.reset()
+                    records = list(target.generate(prompt, GREEDY, max_tokens=a.n,
+                                                   speculator=speculator(method)))
+                    after, _ = plain_run()
+                    plains.append(after)
+                    s = records[-1].stats
+                    runs[method].append((s.decode_tps / ((before + after) / 2), s.decode_tps, s))
+                    before = after
             row = ""
             for method in methods:
-                target.reset()
-                records = list(target.generate(prompt, GREEDY, max_tokens=a.n, speculator=speculator(method)))
-                after, _ = plain_run()
-                plains.append(after)
-                s = records[-1].stats
-                speedup = s.decode_tps / ((before + after) / 2)
-                before = after
+                speedup, tps, s = sorted(runs[method], key=lambda r: r[0])[len(runs[method]) // 2]
                 summary.setdefault((workload, method), []).append(speedup)
-                row += f"{s.decode_tps:>11.2f}{speedup:>6.2f}{s.acceptance:>5.2f}{s.mean_accepted:>5.1f}"
+                row += f"{tps:>11.2f}{speedup:>6.2f}{s.acceptance:>5.2f}{s.mean_accepted:>5.1f}"
             base = sum(plains) / len(plains)
             head = f"{workload:<11}{name:<12}{base:>10.2f}{ceiling(prompt, out, curve):>8.2f}"
             print(head + row, flush=True)

@@ -225,6 +225,7 @@ def test_policy_probes_a_cheap_draft_model_that_is_off():
 
 def test_cost_curve_is_measured_once_and_cached(engine: Engine, curve: CostCurve):
     assert curve.cost(1) == 1.0
+    assert sorted(curve.seconds) == list(range(1, 34))  # every batch a draft of up to 32 can make
     assert all(curve.cost(n) > 0.5 for n in (2, 4, 16, 32))
     from edgellm.speculative.costs import _cache_path
 
