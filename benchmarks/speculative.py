@@ -78,7 +78,7 @@ def main() -> int:
     print(f"target {target.path.name}, {a.threads} threads; batch cost c(n) relative to one token: "
           + ", ".join(f"c({n})={curve.cost(n):.2f}" for n in (2, 4, 8, 16, 32)))
     # a drafter that knew the whole answer: every batch as long as pays best, every token accepted
-    best_n = max(range(1, Policy(curve).max_draft + 2), key=lambda n: n / curve.cost(n))
+    best_n = max(curve.seconds, key=lambda n: n / curve.cost(n))
     print(f"every token drafted right: {best_n / curve.cost(best_n):.2f}x at {best_n} tokens per batch")
 
     def speculator(method: str) -> Speculator:

@@ -17,8 +17,8 @@ from pathlib import Path
 from .. import buildflags
 
 # Every size a verification can have (the pending token + up to 32 drafted): the curve is not smooth.
-# Matmul kernels work in tiles of 4, 8 or 16 rows, so 16 tokens can cost less than 12 and 17 a quarter
-# more than 16 (AMD EPYC, AVX2, Qwen2.5-Coder-1.5B); interpolating between coarse sizes hides that.
+# Matmul kernels work in tiles of rows, so 8 tokens can cost 1.6x what 7 do and 16 less than 12 (AMD
+# EPYC, AVX2, Qwen2.5-Coder-1.5B); interpolating between coarse sizes hides that.
 SIZES = tuple(range(1, 34))
 DEPTH = 256  # context depth at which the curve is measured
 
