@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .engine import Engine
-from .models import resolve
-from .options import add_model_arguments, add_sampling_arguments, load_options, sampling_params
+from .engine import FINISH_WORDS, Engine
+from .gguf_info import read_info
+from .models import BETTER_MODEL_PULL, default_model, resolve
+from .options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
 from .session import ChatSession
 from .speculative.setup import make_speculator
 
@@ -17,31 +18,34 @@ HELP = "commands: /reset (new conversation), /stats (last reply's speed), /exit"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p)
-    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--system", default=None, help="system message (default: the model's)")
     p.add_argument("--plain", action="store_true", help="line-mode chat, even on a terminal")
 
 
 def main(a: argparse.Namespace) -> int:
-    path = resolve(a.model)
+    if a.model:
+        path, embedded = resolve(a.model), False
+    else:  # the best chat model on this machine, else the embedded one
+        chosen = default_model()
+        path, embedded = chosen.path, chosen.embedded
+    defaults = sampling_defaults(a, read_info(path))
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and not a.plain:
-        try:
-            from .tui.app import run_app
-        except ImportError:  # the Textual app is not there yet: line mode
-            pass
-        else:
-            return run_app(path, load_options(a), sampling_params(a), a.max_tokens, a.system,
-                           tuple(a.stop), a.draft)
+        from .tui.app import run_app
+
+        return run_app(path, load_options(a), defaults, a.max_tokens, tuple(a.stop), a.draft, embedded)
     engine = Engine(path, load_options(a))
-    session = ChatSession(engine, sampling_params(a), a.max_tokens, a.system, tuple(a.stop),
+    session = ChatSession(engine, defaults.sampling, a.max_tokens, defaults.system, tuple(a.stop),
                           speculator=make_speculator(engine, a.draft))
-    return plain_chat(session, interactive)
+    return plain_chat(session, interactive, embedded)
 
 
-def plain_chat(session: ChatSession, interactive: bool) -> int:
+def plain_chat(session: ChatSession, interactive: bool, embedded: bool = False) -> int:
     out = sys.stdout
     if interactive:
         out.write(f"edgellm chat · {session.engine.info.name} · {HELP}\n")
+        if embedded:
+            out.write(f"(the small embedded model; for better answers: {BETTER_MODEL_PULL})\n")
     last = None
     while True:
         if interactive:
@@ -61,7 +65,7 @@ def plain_chat(session: ChatSession, interactive: bool) -> int:
             continue
         if text == "/stats":
             s = last.stats if last else None
-            out.write(f"{s.as_dict()}\n" if s else "(no reply yet)\n")
+            out.write(f"{s.as_dict()} · {FINISH_WORDS.get(last.finish_reason or '', '')}\n" if s else "(no reply yet)\n")
             continue
         if text.startswith("/") and text.split()[0] in ("/help", "/?"):
             out.write(HELP + "\n")
@@ -72,6 +76,8 @@ def plain_chat(session: ChatSession, interactive: bool) -> int:
                 out.flush()
         except KeyboardInterrupt:
             out.write(" [interrupted]")
+        if interactive and last is not None and last.finish_reason not in ("eog", "stop"):
+            out.write(f"\n[{FINISH_WORDS.get(last.finish_reason or '', last.finish_reason)}]")
         out.write("\n")
         out.flush()
     return 0

@@ -110,7 +110,13 @@ class Record:
     token: int | None
     stats: Stats
     from_draft: bool = False
-    finish_reason: str | None = None  # set on the last record: "eog" | "stop" | "length" | "cancelled"
+    # set on the last record: "eog" | "stop" | "repetition" | "length" | "context" | "cancelled"
+    finish_reason: str | None = None
+
+
+# why a reply ended, in words for a status line
+FINISH_WORDS = {"eog": "end of turn", "stop": "stop string", "repetition": "stopped: repeating itself",
+                "length": "token limit", "context": "context full", "cancelled": "stopped"}
 
 
 @dataclass
@@ -245,6 +251,19 @@ class Engine:
     def add_bos(self) -> bool:
         return bool(C.llama_vocab_get_add_bos(self.vocab))
 
+    @property
+    def is_chat_model(self) -> bool:
+        """A GGUF without a chat template is a base (completion) model."""
+        return bool(self.info.chat_template)
+
+    def turn_stops(self) -> list[str]:
+        """Text that ends a turn when a model writes it as plain text instead of a special token: the
+        markers of the ChatML fallback for a model with no template, the end-of-turn tokens' text otherwise."""
+        if not self.is_chat_model:
+            return ["<|im_start|>", "<|im_end|>"]
+        texts = {self.special_text(C.llama_vocab_eos(self.vocab)), self.special_text(C.llama_vocab_eot(self.vocab))}
+        return sorted(t for t in texts if t.strip())
+
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return chat_template.render(
             self.info.chat_template, messages, add_generation_prompt=add_generation_prompt,
@@ -378,9 +397,9 @@ class Engine:
                     if cancel is not None and cancel.is_set():
                         finish, last = "cancelled", True
                     elif len(self.kv_tokens) >= self.n_ctx:
-                        last = True  # context full: stop with finish "length"
+                        finish, last = "context", True
                 if text.stopped:
-                    finish = "stop"
+                    finish = text.reason
                 if last:
                     stats.decode_s = time.perf_counter() - t_first
                     yield Record(piece + text.flush(), token, stats, finish_reason=finish)
@@ -398,8 +417,9 @@ class Engine:
         finally:
             sampler.close()
 
-    def chat(self, messages: list[dict[str, str]], **kwargs) -> Iterator[Record]:
-        return self.generate(self.chat_tokens(messages), **kwargs)
+    def chat(self, messages: list[dict[str, str]], stop: Sequence[str] = (), **kwargs) -> Iterator[Record]:
+        """Reply to `messages`; the turn also ends where the model writes its end-of-turn markers as text."""
+        return self.generate(self.chat_tokens(messages), stop=[*stop, *self.turn_stops()], **kwargs)
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:

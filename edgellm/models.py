@@ -15,6 +15,13 @@ from .errors import EdgeLLMError, InvalidModel, ModelNotFound
 from .gguf_info import ModelInfo, read_info
 
 DEFAULT_MODEL = "smollm2-135m"
+# One command to a better model than the embedded one: small, instruct, answers everyday questions right
+# under greedy decoding (checked on the dev copy of this file).
+BETTER_MODEL_PULL = ("edgellm pull Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF "
+                     "--file qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+# a default model may take at most this share of the memory available now (weights; the KV cache and
+# compute buffers come on top)
+DEFAULT_MODEL_RAM_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,15 @@ def _hub_cached_ggufs(repo: str) -> list[Path]:
 
 def looks_like_repo(spec: str) -> bool:
     parts = spec.split(":", 1)[0].split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+    return (len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+            and not any(c.isspace() for c in spec))
+
+
+def is_model_spec(spec: str) -> bool:
+    """Could `spec` name a model (a file, an alias, a repo id, a name in the models dir)? If not, a lone
+    argument to `run` is the prompt."""
+    return (spec in ALIASES or spec.endswith(".gguf") or looks_like_repo(spec) or Path(spec).expanduser().exists()
+            or (models_dir() / f"{spec}.gguf").is_file())
 
 
 def resolve(spec: str | None = None) -> Path:
@@ -143,6 +158,11 @@ class LocalModel:
     def path(self) -> Path:
         return self.info.path if self.info else Path(self.name)
 
+    @property
+    def kind(self) -> str:
+        """chat (the GGUF has a chat template) or base (a completion model)."""
+        return "-" if self.info is None else "chat" if self.info.chat_template else "base"
+
 
 def _candidates() -> Iterator[tuple[str, str, Path]]:
     for name, alias in ALIASES.items():
@@ -180,6 +200,26 @@ def list_local() -> list[LocalModel]:
         except EdgeLLMError as e:
             out.append(LocalModel(name, source, None, str(e)))
     return out
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    path: Path
+    name: str
+    embedded: bool  # the small model that ships with edgellm: the first screen says how to get a better one
+
+
+def default_model() -> DefaultModel:
+    """The best chat model on this machine: the largest (by parameters) with a chat template whose weights
+    take at most DEFAULT_MODEL_RAM_SHARE of the available memory; else the embedded SmolLM2."""
+    import psutil
+
+    budget = psutil.virtual_memory().available * DEFAULT_MODEL_RAM_SHARE
+    chat = [m for m in list_local() if m.kind == "chat" and m.info.size_bytes <= budget]
+    if chat:
+        best = max(chat, key=lambda m: (m.info.n_params, m.source == "embedded"))
+        return DefaultModel(best.path, best.name, best.source == "embedded")
+    return DefaultModel(resolve(DEFAULT_MODEL), DEFAULT_MODEL, True)
 
 
 def _pick_gguf(files: list[str]) -> str:

@@ -16,7 +16,7 @@ def main(a: argparse.Namespace) -> int:
     found = list_local()
     if a.json:
         print(json.dumps([
-            {"name": m.name, "source": m.source, "path": str(m.path), "error": m.error}
+            {"name": m.name, "kind": m.kind, "source": m.source, "path": str(m.path), "error": m.error}
             | ({"size_bytes": m.info.size_bytes, "arch": m.info.arch, "quant": m.info.file_type,
                 "context": m.info.n_ctx_train, "params": m.info.n_params} if m.info else {})
             for m in found], indent=2))
@@ -28,13 +28,13 @@ def main(a: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "SIZE", "ARCH", "QUANT", "CONTEXT", "SOURCE", "PATH"):
+    for column in ("NAME", "KIND", "SIZE", "ARCH", "QUANT", "CONTEXT", "SOURCE", "PATH"):
         table.add_column(column, no_wrap=column != "PATH", overflow="fold")
     for m in found:
         if m.info is None:
-            table.add_row(m.name, "-", "-", "-", "-", m.source, f"unreadable: {m.error}")
+            table.add_row(m.name, "-", "-", "-", "-", "-", m.source, f"unreadable: {m.error}")
             continue
-        table.add_row(m.name, f"{m.info.size_bytes / 1e6:,.0f} MB", m.info.arch, m.info.file_type,
+        table.add_row(m.name, m.kind, f"{m.info.size_bytes / 1e6:,.0f} MB", m.info.arch, m.info.file_type,
                       f"{m.info.n_ctx_train:,}", m.source, str(m.path))
     Console(width=200 if not Console().is_terminal else None).print(table)
     return 0

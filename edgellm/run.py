@@ -1,4 +1,4 @@
-"""`edgellm run MODEL "prompt"`: one completion, streamed to stdout."""
+"""`edgellm run [MODEL] "prompt"`: one completion, streamed to stdout."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
-from .engine import Engine
-from .models import resolve
-from .options import add_model_arguments, add_sampling_arguments, load_options, sampling_params
+from .engine import FINISH_WORDS, Engine
+from .errors import EdgeLLMError
+from .models import default_model, is_model_spec, resolve
+from .options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
 from .speculative.setup import make_speculator
 
 
@@ -16,39 +17,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read stdin)")
     add_sampling_arguments(p)
-    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--system", default=None, help="system message (default: the model's)")
     p.add_argument("--raw", action="store_true", help="no chat template: complete the text as it is")
-    p.add_argument("--json", action="store_true", help="print one JSON object: text, finish reason, stats")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, finish reason, stats, the sampling settings in force")
+
+
+def model_and_prompt(a: argparse.Namespace) -> tuple[str | None, str | None]:
+    """`edgellm run "question"` (as with `llm "prompt"`): a lone argument that names no model is the prompt."""
+    if a.prompt is None and a.model is not None and not is_model_spec(a.model):
+        return None, a.model
+    return a.model, a.prompt
 
 
 def main(a: argparse.Namespace) -> int:
-    prompt = a.prompt
+    model, prompt = model_and_prompt(a)
     if prompt is None or prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
-            raise SystemExit('edgellm: give a prompt: edgellm run MODEL "prompt" (or pipe it on stdin)')
+            raise EdgeLLMError('give a prompt: edgellm run [MODEL] "prompt" (or pipe it on stdin)')
         prompt = sys.stdin.read()
-    engine = Engine(resolve(a.model), load_options(a))
-    if a.raw:
-        tokens = engine.tokenize(prompt)
-    else:
-        messages = [{"role": "system", "content": a.system}] if a.system else []
-        tokens = engine.chat_tokens([*messages, {"role": "user", "content": prompt}])
+    if not prompt.strip():
+        raise EdgeLLMError("the prompt is empty")
+    path = resolve(model) if model else default_model().path
+    engine = Engine(path, load_options(a))
+    defaults = sampling_defaults(a, engine.info)
     speculator = make_speculator(engine, a.draft)
+    kwargs = {"sampling": defaults.sampling, "max_tokens": a.max_tokens, "speculator": speculator}
+    if a.raw:
+        records = engine.generate(engine.tokenize(prompt), stop=a.stop, **kwargs)
+    else:
+        if not engine.is_chat_model:
+            print(f"edgellm: {engine.info.name} has no chat template (a base model): the prompt goes in ChatML "
+                  "and the reply stops at its markers; --raw completes the text as it is", file=sys.stderr)
+        system = [{"role": "system", "content": defaults.system}] if defaults.system else []
+        records = engine.chat([*system, {"role": "user", "content": prompt}], stop=a.stop, **kwargs)
     text, record = [], None
-    for record in engine.generate(tokens, sampling=sampling_params(a), max_tokens=a.max_tokens,
-                                  stop=a.stop, speculator=speculator):
+    for record in records:
         if a.json:
             text.append(record.text)
         else:
             sys.stdout.write(record.text)
             sys.stdout.flush()
+    assert record is not None
     if a.json:
-        assert record is not None
         out = {"model": str(engine.path), "text": "".join(text), "finish_reason": record.finish_reason,
-               "stats": record.stats.as_dict()}
+               "finish": FINISH_WORDS.get(record.finish_reason or "", record.finish_reason),
+               "stats": record.stats.as_dict(), "sampling": defaults.as_dict(),
+               "chat_template": engine.is_chat_model}
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+        if record.finish_reason not in ("eog", "stop"):  # say why a reply ended early, as the TUI does
+            print(f"edgellm: {FINISH_WORDS.get(record.finish_reason or '', record.finish_reason)}"
+                  + (f" (-n {a.max_tokens})" if record.finish_reason == "length" else ""), file=sys.stderr)
     if speculator is not None:
         speculator.close()
     engine.close()

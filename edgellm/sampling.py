@@ -13,7 +13,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.7  # 0 or less: greedy
+    # llama.cpp's defaults; a model's own come from model_defaults.resolve_defaults
+    temperature: float = 0.8  # 0 or less: greedy
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,28 +48,63 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": "".join(reply)})
 
     async def asend(self, text: str) -> AsyncIterator[Record]:
-        """`send` for asyncio apps: decoding runs in a worker thread, records arrive through a queue.
+        """`send` for asyncio apps: decoding runs in a worker thread, records arrive as they are made.
 
         Closing the iterator early (a Stop button) cancels the generation at the next token.
         """
+        async with aclosing(self.asend_frames(text, frame_s=0.0)) as frames:
+            async for frame in frames:
+                for record in frame:
+                    yield record
+
+    async def asend_frames(self, text: str, frame_s: float = 1 / 20) -> AsyncIterator[list[Record]]:
+        """`asend` for a UI: the records made since the last frame, at most one list per `frame_s`.
+
+        The decode thread only appends to a list; the event loop wakes once per frame, not once per
+        token, so on a 2-core machine the UI does not take the decode's time.
+        """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Record | BaseException | None] = asyncio.Queue()
+        pending: list[Record | BaseException | None] = []
+        lock = threading.Lock()
+        wake = asyncio.Event()
         cancel = threading.Event()
+
+        def post(item: Record | BaseException | None) -> None:
+            with lock:
+                first = not pending
+                pending.append(item)
+            if first:  # the loop is woken once per batch
+                loop.call_soon_threadsafe(wake.set)
 
         def work() -> None:
             try:
                 for record in self.send(text, cancel):
-                    loop.call_soon_threadsafe(queue.put_nowait, record)
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                    post(record)
+                post(None)
             except BaseException as e:  # handed to the awaiting side
-                loop.call_soon_threadsafe(queue.put_nowait, e)
+                post(e)
 
         worker = loop.run_in_executor(None, work)
+        last_frame = 0.0
         try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            while True:
+                await wake.wait()
+                delay = last_frame + frame_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # let the tokens of one frame gather
+                last_frame = loop.time()
+                with lock:
+                    items = pending[:]
+                    pending.clear()
+                    wake.clear()
+                records = [i for i in items if isinstance(i, Record)]
+                if records:
+                    yield records
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        return
         finally:
             cancel.set()
             await worker

@@ -239,7 +239,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_draft_ngram_gives_the_plain_text():
-    args = ("run", "smollm2-135m", PROMPTS["copy"], "--temp", "0", "-n", "48", "--json")
+    args = ("run", "smollm2-135m", PROMPTS["copy"], "--temp", "0", "--repeat-penalty", "1", "-n", "48", "--json")
     plain = json.loads(run_cli(*args).stdout)
     spec = json.loads(run_cli(*args, "--draft", "ngram").stdout)
     assert spec["stats"]["generated_tokens"] == plain["stats"]["generated_tokens"]

@@ -6,6 +6,7 @@ that the tests drive too. Escape stops a reply, Ctrl+N starts a new conversation
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,18 +16,20 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Footer, Header, Input
 
-from ..engine import Engine, LoadOptions, Record
+from ..engine import FINISH_WORDS, Engine, LoadOptions, Record
 from ..errors import EdgeLLMError
-from ..sampling import SamplingParams
+from ..model_defaults import Defaults
+from ..models import BETTER_MODEL_PULL
 from ..session import ChatSession
 from ..speculative.setup import make_speculator
-from .widgets import Bubble, ReplyFinished, StatusLine
+from .widgets import Bubble, Notice, ReplyFinished, StatusLine
 
 
 def summarize(record: Record) -> str:
     s = record.stats
+    finish = FINISH_WORDS.get(record.finish_reason or "", record.finish_reason)
     text = (f"{s.generated_tokens} tokens · {s.decode_tps:.1f} t/s · prompt {s.prompt_tokens} "
-            f"({s.reused_tokens} reused) · {record.finish_reason}")
+            f"({s.reused_tokens} reused) · {finish}")
     if s.drafted_tokens:
         text += (f" · draft accepted {s.acceptance:.0%} ({s.mean_accepted:.1f}/step)"
                  f" · ~{s.speedup:.2f}x")
@@ -35,6 +38,8 @@ def summarize(record: Record) -> str:
 
 class ChatApp(App[int]):
     CSS_PATH = "app.tcss"
+    # Replies are rendered at most this often, with the tokens of one frame at once (benchmarks/tui.py).
+    frame_s = 1 / 10
     TITLE = "edgellm chat"
     BINDINGS: ClassVar[list[Binding]] = [
         Binding("escape", "stop", "Stop reply"),
@@ -43,13 +48,20 @@ class ChatApp(App[int]):
     ]
 
     def __init__(self, session: ChatSession | None = None, *, model: Path | None = None,
-                 options: LoadOptions | None = None, session_args: dict | None = None) -> None:
-        """Pass a ready `session`, or a `model` to load in the background (with `session_args`)."""
+                 options: LoadOptions | None = None, session_args: dict | None = None,
+                 defaults: Defaults | None = None, embedded: bool = False) -> None:
+        """Pass a ready `session`, or a `model` to load in the background (with `session_args`).
+
+        `defaults`: the sampling settings in force and their sources, shown on the first screen;
+        `embedded`: the model is the small embedded one, so the first screen says how to get a better one.
+        """
         super().__init__()
         self.session = session
         self._model, self._options = model, options
         self._session_args = session_args or {}
+        self._defaults, self._embedded = defaults, embedded
         self._reply_worker = None
+        self.last_record: Record | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -82,11 +94,27 @@ class ChatApp(App[int]):
 
     def engine_ready(self) -> None:
         assert self.session is not None
-        self.sub_title = self.session.engine.info.name
-        self.query_one(StatusLine).show(f"{self.session.engine.info.name} · ready")
+        engine = self.session.engine
+        self.sub_title = engine.info.name
+        self.query_one("#conversation", VerticalScroll).mount(Notice(self.welcome(engine), id="welcome"))
+        self.query_one(StatusLine).show(f"{engine.info.name} · ready")
         prompt = self.query_one("#prompt", Input)
         prompt.disabled = False
         prompt.focus()
+
+    def welcome(self, engine: Engine) -> str:
+        lines = [f"{engine.info.name} · {'chat' if engine.is_chat_model else 'base'} model"]
+        if not engine.is_chat_model:
+            lines.append("No chat template: a base (completion) model. Messages go in ChatML and a reply "
+                         "stops at its markers; a chat model answers questions better.")
+        if self._defaults is not None:
+            short = {"flag": "your flag", "gguf": "the GGUF", "llama.cpp": "llama.cpp"}
+            settings = ", ".join(f"{name.replace('_', ' ')} {value['value']} ({short.get(value['source'], 'model card')})"
+                                 for name, value in self._defaults.as_dict().items() if name != "system")
+            lines.append(f"Sampling: {settings}")
+        if self._embedded:
+            lines.append(f"This is the small embedded model. For better answers, one command: {BETTER_MODEL_PULL}")
+        return "\n".join(lines)
 
     @on(Input.Submitted, "#prompt")
     def send(self, event: Input.Submitted) -> None:
@@ -108,18 +136,21 @@ class ChatApp(App[int]):
         conversation = self.query_one("#conversation", VerticalScroll)
         last: Record | None = None
         try:
-            async for last in self.session.asend(text):
-                if last.text:
-                    reply.append(last.text, last.from_draft)
-                    conversation.scroll_end(animate=False)
+            async with aclosing(self.session.asend_frames(text, self.frame_s)) as frames:
+                async for frame in frames:
+                    if reply.append_records(frame):
+                        conversation.scroll_end(animate=False)
+                    last = frame[-1]
         except EdgeLLMError as e:
             reply.add_class("error")
             reply.append(f"[{e}]")
             self.post_message(ReplyFinished("error", str(e)))
             return
         finally:
+            reply.finish()
             self._reply_worker = None
         if last is not None:
+            self.last_record = last
             self.post_message(ReplyFinished(last.finish_reason, summarize(last)))
 
     def on_reply_finished(self, message: ReplyFinished) -> None:
@@ -136,12 +167,13 @@ class ChatApp(App[int]):
             return
         self.action_stop()
         self.session.reset()
-        self.query_one("#conversation", VerticalScroll).remove_children()
+        self.query(Bubble).remove()
         self.query_one(StatusLine).show("new conversation")
 
 
-def run_app(model: Path, options: LoadOptions, sampling: SamplingParams, max_tokens: int,
-            system: str | None, stop: tuple[str, ...] = (), draft: str = "off") -> int:
-    app = ChatApp(model=model, options=options, session_args={
-        "sampling": sampling, "max_tokens": max_tokens, "system": system, "stop": stop, "draft": draft})
+def run_app(model: Path, options: LoadOptions, defaults: Defaults, max_tokens: int,
+            stop: tuple[str, ...] = (), draft: str = "off", embedded: bool = False) -> int:
+    app = ChatApp(model=model, options=options, defaults=defaults, embedded=embedded, session_args={
+        "sampling": defaults.sampling, "max_tokens": max_tokens, "system": defaults.system, "stop": stop,
+        "draft": draft})
     return app.run() or 0

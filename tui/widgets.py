@@ -2,32 +2,91 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Static
 
+from ..engine import Record
+
 DRAFT_STYLE = "bold green"  # tokens accepted from a speculative draft
+LIVE_LINES = 8  # a streaming tail longer than this hands its finished paragraphs to the done part
+RESERVED_LINES = 3  # room the tail keeps ahead of the text while streaming
 
 
-class Bubble(Static):
-    """A message in the conversation."""
+class Bubble(Vertical):
+    """A message in the conversation.
+
+    Streaming is made cheap for the decode running beside it: the text is held in two parts, the
+    paragraphs that are done and a live tail, so a frame re-renders only the tail; and the tail reserves
+    a few lines ahead, so the screen's layout (a full repaint) is redone every few lines, not every frame.
+    On 2 cores a layout per frame cost the decode about 10% of its speed.
+    """
 
     def __init__(self, role: str, text: str = "") -> None:
         super().__init__(classes=f"bubble {role}")
         self.role = role
         self.body = Text(text)
         self.border_title = role
+        self._done, self._live = Static(classes="done"), Static(classes="live")
+        self._cut = 0  # body[:_cut] is in the done part
+        self._reserved = 0  # lines the live part holds room for while streaming
+
+    def compose(self) -> ComposeResult:
+        yield self._done
+        yield self._live
 
     def on_mount(self) -> None:
-        self.update(self.body)
+        self.finish()
 
     def append(self, text: str, from_draft: bool = False) -> None:
         self.body.append(text, style=DRAFT_STYLE if from_draft else None)
-        self.update(self.body)
+        self.finish()
+
+    def append_records(self, records: Iterable[Record]) -> bool:
+        """One frame's worth of tokens, rendered once. Returns whether the bubble grew (scroll to it)."""
+        for record in records:
+            if record.text:
+                self.body.append(record.text, style=DRAFT_STYLE if record.from_draft else None)
+        tail = self.body[self._cut:]
+        lines = self._wrapped_lines(tail)
+        if lines > LIVE_LINES and "\n" in tail.plain:  # the finished paragraphs move to the done part
+            self._cut += tail.plain.rfind("\n") + 1
+            self._done.update(self.body[:self._cut])
+            self._done.display = True
+            tail = self.body[self._cut:]
+            lines = self._wrapped_lines(tail)
+        elif lines <= self._reserved:
+            self._live.update(tail, layout=False)
+            return False
+        self._reserved = lines + RESERVED_LINES
+        self._live.styles.min_height = self._reserved
+        self._live.update(tail)
+        return True
+
+    def finish(self) -> None:
+        """Show the whole text with no reserved room (the end of a reply, or a message shown at once)."""
+        self._cut = self.body.plain.rfind("\n") + 1
+        self._done.update(self.body[:self._cut])
+        self._done.display = self._cut > 0
+        self._reserved = 0
+        self._live.styles.min_height = None
+        self._live.update(self.body[self._cut:])
+
+    def _wrapped_lines(self, text: Text) -> int:
+        width = self._live.content_size.width or self.content_size.width
+        return len(text.wrap(self.app.console, width)) if width > 0 else 1
 
     @property
     def plain(self) -> str:
         return self.body.plain
+
+
+class Notice(Static):
+    """A line of information in the conversation: the model in use, its settings, how to get a better one."""
 
 
 class StatusLine(Static):

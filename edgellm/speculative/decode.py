@@ -98,13 +98,13 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
         stats.accepted_tokens += from_draft
         piece = text.push(engine.token_bytes(token))
         if text.stopped:
-            finish = "stop"
+            finish = text.reason
         elif stats.generated_tokens >= max_tokens:
             finish = "length"
         elif cancel is not None and cancel.is_set():
             finish = "cancelled"
         elif len(tokens) + 1 >= engine.n_ctx:
-            finish = "length"
+            finish = "context"
         stats.decode_s = time.perf_counter() - t_first
         stats.plain_estimate_s = (stats.generated_tokens - 1) * policy.curve.t1
         if finish:
