@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine, Record
+from .llama_runtime import llama_thread
 from .sampling import SamplingParams
 
 
@@ -57,11 +58,12 @@ class ChatSession:
                 for record in frame:
                     yield record
 
-    async def asend_frames(self, text: str, frame_s: float = 1 / 20) -> AsyncIterator[list[Record]]:
-        """`asend` for a UI: the records made since the last frame, at most one list per `frame_s`.
+    async def asend_frames(self, text: str, frame_s: float = 1 / 10) -> AsyncIterator[list[Record]]:
+        """`asend` for a UI: the records made since the last frame, one list per `frame_s`.
 
-        The decode thread only appends to a list; the event loop wakes once per frame, not once per
-        token, so on a 2-core machine the UI does not take the decode's time.
+        The decode thread only appends to a list and the event loop looks at it once per frame: on a
+        2-core machine every wake-up of the UI thread takes a core from the decode, so it must not wake
+        per token. With `frame_s` 0 the loop is woken for each batch instead (tests, servers).
         """
         loop = asyncio.get_running_loop()
         pending: list[Record | BaseException | None] = []
@@ -73,7 +75,7 @@ class ChatSession:
             with lock:
                 first = not pending
                 pending.append(item)
-            if first:  # the loop is woken once per batch
+            if first and not frame_s:
                 loop.call_soon_threadsafe(wake.set)
 
         def work() -> None:
@@ -84,15 +86,13 @@ class ChatSession:
             except BaseException as e:  # handed to the awaiting side
                 post(e)
 
-        worker = loop.run_in_executor(None, work)
-        last_frame = 0.0
+        worker = loop.run_in_executor(llama_thread(), work)
         try:
             while True:
-                await wake.wait()
-                delay = last_frame + frame_s - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # let the tokens of one frame gather
-                last_frame = loop.time()
+                if frame_s:
+                    await asyncio.sleep(frame_s)
+                else:
+                    await wake.wait()
                 with lock:
                     items = pending[:]
                     pending.clear()

@@ -6,6 +6,7 @@ that the tests drive too. Escape stops a reply, Ctrl+N starts a new conversation
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 from pathlib import Path
 from typing import ClassVar
@@ -18,6 +19,7 @@ from textual.widgets import Footer, Header, Input
 
 from ..engine import FINISH_WORDS, Engine, LoadOptions, Record
 from ..errors import EdgeLLMError
+from ..llama_runtime import llama_thread
 from ..model_defaults import Defaults
 from ..models import BETTER_MODEL_PULL
 from ..session import ChatSession
@@ -38,8 +40,9 @@ def summarize(record: Record) -> str:
 
 class ChatApp(App[int]):
     CSS_PATH = "app.tcss"
-    # Replies are rendered at most this often, with the tokens of one frame at once (benchmarks/tui.py).
-    frame_s = 1 / 10
+    # A reply is rendered 5 times a second, with the tokens of one frame at once: on 2 cores every frame
+    # takes the decode's time (benchmarks/tui.py: 0.98x of `edgellm run` at 5 fps, 0.90x at 8-10).
+    frame_s = 1 / 5
     TITLE = "edgellm chat"
     BINDINGS: ClassVar[list[Binding]] = [
         Binding("escape", "stop", "Stop reply"),
@@ -76,21 +79,20 @@ class ChatApp(App[int]):
         else:
             self.engine_ready()
 
-    @work(thread=True, exclusive=True, group="load")
-    def load_engine(self) -> None:
-        try:
-            engine = Engine(self._model, self._options)
-        except EdgeLLMError as e:
-            self.call_from_thread(self.exit, 1, 1, f"edgellm: {e}")
-            return
+    @work(exclusive=True, group="load")
+    async def load_engine(self) -> None:
+        # on the thread that will decode: one OpenMP team for the process (llama_runtime.llama_thread)
+        loop = asyncio.get_running_loop()
         args = dict(self._session_args)
+        draft = args.pop("draft", "off")
         try:
-            speculator = make_speculator(engine, args.pop("draft", "off"))
+            engine = await loop.run_in_executor(llama_thread(), Engine, self._model, self._options)
+            speculator = await loop.run_in_executor(llama_thread(), make_speculator, engine, draft)
         except EdgeLLMError as e:
-            self.call_from_thread(self.exit, 1, 1, f"edgellm: {e}")
+            self.exit(1, 1, f"edgellm: {e}")
             return
         self.session = ChatSession(engine, speculator=speculator, **args)
-        self.call_from_thread(self.engine_ready)
+        self.engine_ready()
 
     def engine_ready(self) -> None:
         assert self.session is not None

@@ -13,8 +13,8 @@ from textual.widgets import Static
 from ..engine import Record
 
 DRAFT_STYLE = "bold green"  # tokens accepted from a speculative draft
-LIVE_LINES = 8  # a streaming tail longer than this hands its finished paragraphs to the done part
-RESERVED_LINES = 3  # room the tail keeps ahead of the text while streaming
+LIVE_LINES = 12  # a streaming tail longer than this hands its finished paragraphs to the done part
+RESERVED_LINES = 6  # room the tail keeps ahead of the text while streaming
 
 
 class Bubble(Vertical):
