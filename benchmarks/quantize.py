@@ -5,6 +5,8 @@ A real-weight checkpoint is made by exporting a dev GGUF (default Qwen2.5-Coder-
 Each step runs in its own process under GNU time: wall seconds and peak RSS. Two comparisons: without
 an importance matrix (convert_hf_to_gguf.py + llama-quantize against `edgellm quantize --no-imatrix`),
 and with one from the same calibration text and chunk count (+ llama-imatrix against the default).
+The comparison without an importance matrix is repeated on the same weights saved in F32 (`--no-f32`
+skips it): an F32 checkpoint is twice the bytes to read and convert.
 
     python benchmarks/quantize.py [--model qwen2.5-coder-0.5b] [--type Q4_K_M]
 """
@@ -12,6 +14,7 @@ and with one from the same calibration text and chunk count (+ llama-imatrix aga
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +44,7 @@ def main() -> int:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--chunks", type=int, default=32, help="512-token chunks for the importance matrices")
+    ap.add_argument("--no-f32", action="store_true", help="skip the F32 checkpoint case")
     a = ap.parse_args()
     python, script = reference_converter()
     llama_quantize, llama_imatrix = tool_paths("llama-quantize", "llama-imatrix")
@@ -69,6 +73,19 @@ def main() -> int:
             print(f"{label}: llama.cpp {t_ref:.1f} s, peak {m_ref:.2f} GB; edgellm quantize (one command) "
                   f"{t:.1f} s, peak {m:.2f} GB; time ratio {t / t_ref:.2f}, memory ratio {m / m_ref:.2f}; "
                   f"sizes {out.stat().st_size / 1e6:.1f} MB vs {ref.stat().st_size / 1e6:.1f} MB")
+        if a.no_f32:
+            return 0
+        shutil.rmtree(hf)
+        hf32 = export(resolve(a.model), Path(tmp) / "hf32", dtype="float32")
+        f16.unlink()
+        conv32 = timed([str(python), str(script), str(hf32), "--outtype", "f16", "--outfile", str(f16)])
+        quant32 = timed([str(llama_quantize), str(f16), str(ref_q), a.type, "2"])
+        ours.unlink()
+        plain32 = timed([*edgellm[:4], str(hf32), *edgellm[5:], "--no-imatrix", "-o", str(ours)])
+        t_ref, m_ref = conv32[0] + quant32[0], max(conv32[1], quant32[1])
+        print(f"F32 checkpoint, no importance matrix: llama.cpp {t_ref:.1f} s, peak {m_ref:.2f} GB "
+              f"(convert {conv32[1]:.2f}, quantize {quant32[1]:.2f}); edgellm quantize {plain32[0]:.1f} s, "
+              f"peak {plain32[1]:.2f} GB; time ratio {plain32[0] / t_ref:.2f}, memory ratio {plain32[1] / m_ref:.2f}")
     return 0
 
 

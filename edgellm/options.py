@@ -62,7 +62,7 @@ def check_ranges(a: argparse.Namespace) -> None:
             continue
         if not (low <= value <= high) or (not inclusive and value == low):
             bound = f"{'at least' if inclusive else 'above'} {low}" + (f" and at most {high}" if high < 100 else "")
-            raise EdgeLLMError(f"--{name.replace('_', '-')} must be {bound} (got {value})")
+            raise EdgeLLMError(f"--{name.replace('_', '-')} must be {bound} (got {value:g})")
 
 
 def sampling_defaults(a: argparse.Namespace, info: ModelInfo) -> Defaults:

@@ -17,7 +17,10 @@ from edgellm.errors import EdgeLLMError
 class Arch:
     gguf: MODEL_ARCH
     permute_qk: bool = False  # llama's rotary layout: HF q/k rows are interleaved differently
-    head_dim_keys: bool = False  # write attention.key_length/value_length (explicit head_dim)
+    # llama.cpp's converter class for this arch runs the base TextModel.set_gguf_parameters, which writes
+    # attention.key_length/value_length whenever config.json has head_dim (conversion/base.py)
+    base_hparams: bool = True
+    head_dim_default: bool = False  # transformers' config class always has head_dim, given or computed
     norm_shift: float = 0.0  # added to every *norm.weight (Gemma's RMSNorm multiplies by 1 + weight)
     sentencepiece: bool = False  # a tokenizer.model, when there is one, is the tokenizer
     add_space_prefix: bool | None = None  # tokenizer.ggml.add_space_prefix, where the converter writes it
@@ -79,12 +82,14 @@ def phi3_tensors(config: dict) -> dict[str, np.ndarray]:
 
 # config.json "architectures"[0] -> how to convert it
 ARCHS: dict[str, Arch] = {
-    # transformers' Llama/Mistral configs always carry head_dim, so llama.cpp's converter writes it
-    "LlamaForCausalLM": Arch(MODEL_ARCH.LLAMA, permute_qk=True, head_dim_keys=True, sentencepiece=True),
-    "MistralForCausalLM": Arch(MODEL_ARCH.LLAMA, permute_qk=True, head_dim_keys=True, sentencepiece=True),
+    # transformers' Llama/Mistral/Qwen3 configs always carry head_dim, so llama.cpp's converter writes it
+    "LlamaForCausalLM": Arch(MODEL_ARCH.LLAMA, permute_qk=True, head_dim_default=True, sentencepiece=True),
+    "MistralForCausalLM": Arch(MODEL_ARCH.LLAMA, permute_qk=True, head_dim_default=True, sentencepiece=True),
     "Qwen2ForCausalLM": Arch(MODEL_ARCH.QWEN2),
-    "Qwen3ForCausalLM": Arch(MODEL_ARCH.QWEN3, head_dim_keys=True),
-    "Gemma3ForCausalLM": Arch(MODEL_ARCH.GEMMA3, norm_shift=1.0, sentencepiece=True, add_space_prefix=False,
+    "Qwen3ForCausalLM": Arch(MODEL_ARCH.QWEN3, head_dim_default=True),
+    # Gemma 3 and Phi-3 write their own hyper-parameters (no base class): head_dim only where listed here
+    "Gemma3ForCausalLM": Arch(MODEL_ARCH.GEMMA3, base_hparams=False, norm_shift=1.0, sentencepiece=True,
+                              add_space_prefix=False,
                               defaults=(("context_length", "max_position_embeddings", 131072),
                                         ("attention.head_count", "num_attention_heads", 8),
                                         ("attention.head_count_kv", "num_key_value_heads", 4),
@@ -93,7 +98,8 @@ ARCHS: dict[str, Arch] = {
                                         ("attention.value_length", "head_dim", 256),
                                         ("rope.freq_base", "rope_theta", 1_000_000.0)),
                               extra=gemma3_hparams),
-    "Phi3ForCausalLM": Arch(MODEL_ARCH.PHI3, sentencepiece=True, extra=phi3_hparams, extra_tensors=phi3_tensors),
+    "Phi3ForCausalLM": Arch(MODEL_ARCH.PHI3, base_hparams=False, sentencepiece=True, extra=phi3_hparams,
+                            extra_tensors=phi3_tensors),
 }
 
 # GGUF key suffix -> config.json keys to try, in order (all written as <arch>.<suffix>)

@@ -12,6 +12,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import gguf
@@ -87,17 +88,66 @@ def expected_shapes(config: dict, arch: Arch) -> dict[str, tuple[int, ...]]:
     return out
 
 
+SLAB_BYTES = 64 << 20  # a large float tensor is read, converted and written this many input bytes at a time
+RAW_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def tensor_entries(file: Path) -> tuple[int, dict]:
+    """(where the data starts, the header's entries) of a safetensors file already checked by safe_open."""
+    stat = file.stat()
+    return _header(file, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=64)
+def _header(file: Path, _mtime_ns: int, _size: int) -> tuple[int, dict]:
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return 8 + n, json.loads(f.read(n))
+
+
+def read_rows(file: Path, key: str, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop of a float tensor, read with plain file reads (an mmap would keep every page it
+    touched resident while it is open); BF16, which numpy lacks, widened exactly to float32."""
+    base, entries = tensor_entries(file)
+    entry = entries[key]
+    dtype = np.dtype(RAW_DTYPES[entry["dtype"]])
+    shape = entry["shape"]
+    row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    stop = min(stop, shape[0]) if shape else 1
+    raw = np.fromfile(file, dtype=dtype, count=(stop - start) * row,
+                      offset=base + entry["data_offsets"][0] + start * row * dtype.itemsize)
+    if entry["dtype"] == "BF16":
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.reshape([stop - start, *shape[1:]] if shape else [])
+
+
 def read_tensor(file: Path, key: str) -> np.ndarray:
     """One tensor of a safetensors file as numpy; BF16 (which numpy lacks) widened exactly to float32."""
     with safe_open(file, framework="numpy") as handle:  # the header is validated here, before any read
-        if handle.get_slice(key).get_dtype() != "BF16":
+        if handle.get_slice(key).get_dtype() not in RAW_DTYPES:
             return handle.get_tensor(key)
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        entry = json.loads(f.read(n))[key]
-    begin, end = entry["data_offsets"]
-    raw = np.fromfile(file, dtype=np.uint16, count=(end - begin) // 2, offset=8 + n + begin)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
+        rows = handle.get_slice(key).get_shape()[:1] or [1]
+    return read_rows(file, key, 0, rows[0])
+
+
+@dataclass
+class Slabbed:
+    """A 2-D float tensor converted and written in slabs of rows, so a large F32 checkpoint tensor never
+    sits in memory whole (Qwen's 151,936 x 896 embedding is 545 MB in F32). GGUFWriter.write_tensor_data
+    needs only `nbytes` and `tofile`."""
+
+    file: Path
+    key: str
+    rows: int
+    row_bytes_in: int
+    out_dtype: type
+    nbytes: int
+
+    def tofile(self, fout) -> None:
+        step = max(1, SLAB_BYTES // max(1, self.row_bytes_in))
+        for start in range(0, self.rows, step):
+            slab = read_rows(self.file, self.key, start, start + step)
+            slab.astype(self.out_dtype, copy=False).tofile(fout)
 
 
 def plan(model_dir: Path, config: dict, arch: Arch, outtype: str) -> list[Planned]:
@@ -137,6 +187,11 @@ def write_metadata(writer: gguf.GGUFWriter, model_dir: Path) -> None:
     """general.* (name, basename, size label, license…) the way llama.cpp's converter derives them."""
     total, shared, expert, experts = writer.get_total_parameter_count()
     metadata = gguf.Metadata.load(None, model_dir, None, total)
+    # generation_config.json -> general.sampling.*, the model's own defaults. gguf 0.19 on PyPI reads
+    # "penalty_repeat" only; llama.cpp's converter (its newer gguf-py) falls back to transformers' name.
+    generation = gguf.Metadata.load_generation_config(model_dir)
+    if metadata.sampling_penalty_repeat is None:
+        metadata.sampling_penalty_repeat = generation.get("repetition_penalty")
     if metadata.size_label is None and total > 0:
         metadata.size_label = gguf.size_label(total, shared, expert, experts)
     writer.add_type("model")
@@ -169,21 +224,40 @@ def write_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, outtype: st
     if arch.gguf == gguf.MODEL_ARCH.LLAMA:
         writer.add_vocab_size(config["vocab_size"])
         writer.add_rope_dimension_count(head)
-    if arch.head_dim_keys:
+    if arch.base_hparams and (arch.head_dim_default or config.get("head_dim") is not None):
         writer.add_key_length(head)
         writer.add_value_length(head)
     writer.add_file_type(FILE_TYPES[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def tensor_data(p: Planned, config: dict, arch: Arch) -> np.ndarray:
-    # Open the file for this one tensor: its mapping (and the pages it made resident) goes away with it,
-    # so memory stays near the largest tensor instead of growing to the whole checkpoint.
+def slabbed(p: Planned, arch: Arch) -> Slabbed | None:
+    """The streaming path for a plain 2-D float tensor written as F32 or F16 (no permutation, no shift)."""
+    if p.data is not None or len(p.shape) != 2 or p.qtype not in (gguf.GGMLQuantizationType.F32,
+                                                                    gguf.GGMLQuantizationType.F16):
+        return None
+    if (arch.permute_qk and p.name.endswith(("attn_q.weight", "attn_k.weight"))) or \
+            (arch.norm_shift and p.name.endswith("norm.weight")):
+        return None
+    dtype = tensor_entries(p.file)[1][p.hf_name]["dtype"]
+    if dtype not in RAW_DTYPES:
+        return None
+    out = np.float16 if p.qtype == gguf.GGMLQuantizationType.F16 else np.float32
+    row_bytes_in = p.shape[1] * np.dtype(RAW_DTYPES[dtype]).itemsize
+    return Slabbed(p.file, p.hf_name, p.shape[0], row_bytes_in, out, p.shape[0] * p.shape[1] * np.dtype(out).itemsize)
+
+
+def tensor_data(p: Planned, config: dict, arch: Arch) -> np.ndarray | Slabbed:
+    # One tensor at a time, read with plain file reads, so memory stays near the largest tensor (or, for
+    # plain float tensors, one slab) instead of growing to the whole checkpoint.
+    streamed = slabbed(p, arch)
+    if streamed is not None:
+        return streamed
     w = p.data if p.data is not None else read_tensor(p.file, p.hf_name)
     if arch.norm_shift and p.name.endswith("norm.weight"):
         w = w + w.dtype.type(arch.norm_shift)  # in the checkpoint's dtype, as llama.cpp's converter adds it
     if p.qtype != gguf.GGMLQuantizationType.F16 or w.dtype != np.float16:
-        w = w.astype(np.float32)  # F16 -> F16 is copied as it is, everything else goes through F32
+        w = w.astype(np.float32, copy=False)  # F16 -> F16 is copied as it is, everything else goes through F32
     if arch.permute_qk and p.name.endswith("attn_q.weight"):
         w = permute(w, config["num_attention_heads"], config["num_attention_heads"])
     elif arch.permute_qk and p.name.endswith("attn_k.weight"):

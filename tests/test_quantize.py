@@ -553,3 +553,28 @@ def test_sharded_checkpoint_converts_like_a_single_file(tmp_path: Path, smol_hf:
     with pytest.raises(Exception, match="listed in the index but missing"):
         convert(folder, tmp_path / "broken.gguf")
     assert not (tmp_path / "broken.gguf").exists()
+
+
+def test_generation_config_and_head_dim_are_written_like_llama_cpp_converter(tmp_path: Path, smol_hf: Path):
+    """generation_config.json becomes general.sampling.* (the model's own defaults), and a Qwen2 config that
+    carries head_dim gets attention.key_length/value_length, both exactly as llama.cpp's converter writes them."""
+    folder = tiny_checkpoint(tmp_path / "qwen2", "Qwen2ForCausalLM", smol_hf)
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+        "repetition_penalty": 1.05}))
+    ours = convert(folder, tmp_path / "ours.gguf")
+    assert_same_gguf(reference_convert(folder, tmp_path / "reference.gguf"), ours)
+    meta = fields(ours)[0]
+    assert meta["qwen2.attention.key_length"] == meta["qwen2.attention.value_length"] == 16
+    assert meta["general.sampling.top_k"] == 20
+    assert meta["general.sampling.temp"] == pytest.approx(0.7)
+    assert meta["general.sampling.penalty_repeat"] == pytest.approx(1.05)
+
+    from edgellm.gguf_info import read_info
+    from edgellm.model_defaults import resolve_defaults
+
+    defaults = resolve_defaults(read_info(ours), {"top_p": 0.5})
+    assert (defaults.sampling.temperature, defaults.sampling.top_k) == (pytest.approx(0.7), 20)
+    assert defaults.sampling.top_p == 0.5 and defaults.sampling.min_p == 0.05
+    assert defaults.sources == {"temperature": "gguf", "top_k": "gguf", "top_p": "flag", "min_p": "llama.cpp",
+                                "repeat_penalty": "gguf", "repeat_last_n": "llama.cpp"}

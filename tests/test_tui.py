@@ -1,12 +1,15 @@
 """The Textual chat driven with Pilot, over the real engine."""
 
+import re
+
 from textual.widgets import Input
 
 from edgellm.engine import Engine
+from edgellm.model_defaults import resolve_defaults
 from edgellm.sampling import SamplingParams
 from edgellm.session import ChatSession
 from edgellm.tui.app import ChatApp
-from edgellm.tui.widgets import Bubble, StatusLine
+from edgellm.tui.widgets import Bubble, Notice, StatusLine
 
 
 async def wait_for_reply(app: ChatApp, pilot) -> None:
@@ -63,3 +66,23 @@ async def test_escape_stops_a_long_reply(fresh_engine: Engine):
         assert "stopped" in str(app.query_one(StatusLine).render())
         await pilot.pause(0.5)
         assert len(fresh_engine.kv_tokens) < 1000  # generation ended well before max_tokens
+
+
+async def test_first_screen_shows_the_settings_and_a_better_model_and_the_reply_says_why_it_ended(
+        fresh_engine: Engine):
+    defaults = resolve_defaults(fresh_engine.info, seed=0)
+    session = ChatSession(fresh_engine, defaults.sampling, max_tokens=256, system=defaults.system)
+    app = ChatApp(session, defaults=defaults, embedded=True)
+    async with app.run_test(size=(100, 40)) as pilot:
+        welcome = str(app.query_one("#welcome", Notice).render())
+        assert "chat model" in welcome
+        assert "temperature 0.2" in welcome and "(SmolLM2-135M-Instruct (embedded): measured" in welcome
+        assert "repeat last n 64 (llama.cpp)" in welcome
+        assert "edgellm pull Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF" in welcome
+        app.query_one("#prompt", Input).value = "What is the capital of France?"
+        await pilot.press("enter")
+        await wait_for_reply(app, pilot)
+        reply = list(app.query(Bubble))[-1].plain
+        assert "Paris" in reply
+        status = str(app.query_one(StatusLine).render())
+        assert re.search(r"\d+ tokens · \d+\.\d t/s", status) and status.endswith("end of turn")

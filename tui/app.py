@@ -109,11 +109,14 @@ class ChatApp(App[int]):
         if not engine.is_chat_model:
             lines.append("No chat template: a base (completion) model. Messages go in ChatML and a reply "
                          "stops at its markers; a chat model answers questions better.")
-        if self._defaults is not None:
-            short = {"flag": "your flag", "gguf": "the GGUF", "llama.cpp": "llama.cpp"}
-            settings = ", ".join(f"{name.replace('_', ' ')} {value['value']} ({short.get(value['source'], 'model card')})"
-                                 for name, value in self._defaults.as_dict().items() if name != "system")
-            lines.append(f"Sampling: {settings}")
+        if self._defaults is not None:  # the settings in force, grouped by where they came from
+            by_source: dict[str, list[str]] = {}
+            for name, setting in self._defaults.as_dict().items():
+                if name != "system":
+                    by_source.setdefault(setting["source"], []).append(f"{name.replace('_', ' ')} {setting['value']}")
+            lines.append("Sampling: " + "; ".join(f"{', '.join(v)} ({k})" for k, v in by_source.items()))
+            if self._defaults.system:
+                lines.append(f"System prompt: {self._defaults.system!r} ({self._defaults.system_source})")
         if self._embedded:
             lines.append(f"This is the small embedded model. For better answers, one command: {BETTER_MODEL_PULL}")
         return "\n".join(lines)

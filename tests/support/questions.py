@@ -21,5 +21,5 @@ QUESTIONS = [
     Question("Write a haiku about the sea.", None),
     Question("Write a one-line Python function that returns the square of a number.", r"def |lambda"),
     Question("Give me three tips for sleeping better.", None),
-    Question("Name a fruit that is yellow.", r"banana|lemon|pineapple|mango"),
+    Question("Write a short thank-you note to a friend.", None),
 ]
