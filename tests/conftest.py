@@ -41,3 +41,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = N
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def no_local_models(tmp_path: Path) -> dict[str, str]:
+    """Environment for a CLI run that sees only the embedded model (no models dir, dev models or HF cache)."""
+    dirs = {name: tmp_path / name for name in ("models", "dev-models", "hf-home")}
+    for d in dirs.values():
+        d.mkdir()
+    return {"EDGELLM_MODELS": str(dirs["models"]), "EDGELLM_DEV_MODELS": str(dirs["dev-models"]),
+            "HF_HOME": str(dirs["hf-home"]), "HF_HUB_OFFLINE": "1"}

@@ -74,8 +74,8 @@ def test_models_lists_the_embedded_default(cli):
     assert default["arch"] == "llama" and default["quant"] == "Q4_1" and default["context"] == 8192
 
 
-def test_plain_chat_over_a_pipe(cli):
-    result = cli("chat", "--temp", "0", "-n", "24", input="Hi!\n/stats\n/reset\nWhat is 1+1?\n")
+def test_plain_chat_over_a_pipe(cli, no_local_models):
+    result = cli("chat", "--temp", "0", "-n", "24", input="Hi!\n/stats\n/reset\nWhat is 1+1?\n", env=no_local_models)
     assert result.returncode == 0, result.stderr
     assert "prefilled_tokens" in result.stdout
     assert "(new conversation)" in result.stdout

@@ -19,16 +19,6 @@ from edgellm.textstream import TextStream
 SEED = 0
 
 
-@pytest.fixture
-def no_local_models(tmp_path: Path) -> dict[str, str]:
-    """Environment for a CLI run that sees only the embedded model (no models dir, dev models or HF cache)."""
-    dirs = {name: tmp_path / name for name in ("models", "dev-models", "hf-home")}
-    for d in dirs.values():
-        d.mkdir()
-    return {"EDGELLM_MODELS": str(dirs["models"]), "EDGELLM_DEV_MODELS": str(dirs["dev-models"]),
-            "HF_HOME": str(dirs["hf-home"]), "HF_HUB_OFFLINE": "1"}
-
-
 @pytest.fixture(scope="module")
 def gemma3() -> Path:
     from dev_models import dev_model

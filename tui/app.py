@@ -7,6 +7,7 @@ that the tests drive too. Escape stops a reply, Ctrl+N starts a new conversation
 from __future__ import annotations
 
 import asyncio
+import sys
 from contextlib import aclosing
 from pathlib import Path
 from typing import ClassVar
@@ -74,6 +75,9 @@ class ChatApp(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
+        # The decode thread needs the GIL for a moment between tokens; while this thread renders a frame
+        # it would wait up to the default 5 ms switch interval, with the cores idle.
+        sys.setswitchinterval(0.001)
         if self.session is None:
             self.load_engine()
         else:
@@ -133,12 +137,17 @@ class ChatApp(App[int]):
         conversation.mount(reply)
         conversation.scroll_end(animate=False)
         self.query_one(StatusLine).show("thinking…")
+        event.input.cursor_blink = False  # a blinking cursor is two repaints a second taken from the decode
         self._reply_worker = self.stream_reply(text, reply)
 
     @work(exclusive=True, group="reply")
     async def stream_reply(self, text: str, reply: Bubble) -> None:
         assert self.session is not None
         conversation = self.query_one("#conversation", VerticalScroll)
+        # The new bubbles' layout and paint are done before the decode starts, not beside it.
+        painted = asyncio.Event()
+        self.call_after_refresh(painted.set)
+        await painted.wait()
         last: Record | None = None
         try:
             async with aclosing(self.session.asend_frames(text, self.frame_s)) as frames:
@@ -153,6 +162,7 @@ class ChatApp(App[int]):
             return
         finally:
             reply.finish()
+            self.query_one("#prompt", Input).cursor_blink = True
             self._reply_worker = None
         if last is not None:
             self.last_record = last
