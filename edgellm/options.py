@@ -23,6 +23,9 @@ def add_model_arguments(p: argparse.ArgumentParser, positional: bool = True) -> 
     p.add_argument("-ngl", "--gpu-layers", type=int, default=0, help="layers to offload to the GPU")
     p.add_argument("--batch", type=int, default=512, help="prompt batch size")
     p.add_argument("--kv-type", choices=KV_TYPES, default="f16", help="KV cache type (K and V)")
+    p.add_argument("--mmap", action="store_true",
+                   help="memory-map the weights (default: read them; mmap keeps the file's pages beside the "
+                        "repacked copy)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +49,8 @@ def load_options(a: argparse.Namespace) -> LoadOptions:
         raise EdgeLLMError("--ctx must be at least 16")
     tree = getattr(a, "draft", "off") == "tree"  # token trees: one sequence per branch, shared cells
     return LoadOptions(n_ctx=a.ctx, n_threads=a.threads, n_batch=a.batch, n_gpu_layers=a.gpu_layers,
-                       type_k=a.kv_type, type_v=a.kv_type, n_seq_max=4 if tree else 1, kv_unified=tree)
+                       type_k=a.kv_type, type_v=a.kv_type, n_seq_max=4 if tree else 1, kv_unified=tree,
+                       use_mmap=a.mmap)
 
 
 # option -> (lowest, highest, inclusive low) allowed

@@ -104,3 +104,9 @@ def test_doctor_reports_a_crashing_build(cli, signal_name: str):
     assert result.returncode == 1
     assert f"crashed with {signal_name}" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_weights_read_or_memory_mapped_give_the_same_text(cli):
+    args = ("run", "smollm2-135m", "Name three colors.", "--temp", "0", "-n", "24", "--json")
+    read, mapped = json.loads(cli(*args).stdout), json.loads(cli(*args, "--mmap").stdout)
+    assert read["text"] == mapped["text"] and read["text"].strip()
