@@ -9,15 +9,15 @@ import sys
 from . import __version__
 from .errors import EdgeLLMError
 
-# command -> (module, help)
+# command -> (module in edgellm.commands, help)
 COMMANDS = {
     "run": ("run", "generate a reply to one prompt, streamed to stdout"),
     "chat": ("chat", "chat with a model (terminal UI; --plain for line mode)"),
-    "models": ("models_cmd", "list local models"),
+    "models": ("models", "list local models"),
     "pull": ("pull", "download a GGUF from the Hugging Face hub"),
     "doctor": ("doctor", "check this machine, the llama.cpp build and a test decode"),
     "bench": ("bench", "measure prompt and decode speed (like llama-bench)"),
-    "quantize": ("quantize_cmd", "convert a Hugging Face model folder to a low-bit GGUF"),
+    "quantize": ("quantize", "convert a Hugging Face model folder to a low-bit GGUF"),
 }
 
 
@@ -32,7 +32,7 @@ def top_parser() -> argparse.ArgumentParser:
 
 def command_parser(name: str):
     module, help_text = COMMANDS[name]
-    mod = importlib.import_module(f"edgellm.{module}")
+    mod = importlib.import_module(f"edgellm.commands.{module}")
     parser = argparse.ArgumentParser(prog=f"edgellm {name}", description=help_text)
     mod.add_arguments(parser)
     return parser, mod.main

@@ -7,6 +7,7 @@ one (the next turn of a chat) prefills only the tokens that are new.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -14,13 +15,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import llama_cpp as C
 import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import chat_template, llama_runtime
-from .errors import EdgeLLMError, InvalidModel
+from .errors import CacheTrimError, EdgeLLMError, InvalidModel
 from .gguf_info import ModelInfo, read_info
 from .sampling import Sampler, SamplingParams, logits_row
 from .textstream import TextStream
@@ -115,6 +117,13 @@ class Record:
     from_draft: bool = False
     # set on the last record: "eog" | "stop" | "repetition" | "length" | "context" | "cancelled"
     finish_reason: str | None = None
+
+
+class Speculating(Protocol):
+    """What Engine.generate needs of a speculator (speculative.setup.Speculator): its step generator."""
+
+    def generate(self, engine: Engine, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int,
+                 stop: Sequence[str], cancel: threading.Event | None, ignore_eog: bool) -> Iterator[Record]: ...
 
 
 # why a reply ended, in words for a status line
@@ -286,12 +295,22 @@ class Engine:
         self.kv_tokens = []
 
     def truncate(self, n: int) -> None:
-        """Keep the first n positions of sequence 0; drop the rest."""
+        """Keep the first n positions of sequence 0; drop the rest.
+
+        Some memories cannot drop a tail: a recurrent state, or sliding-window layers whose window has
+        moved past n (llama.cpp then wipes the whole sequence and still reports success, so the positions
+        left are checked). The cache is then emptied, `kv_tokens` says so, and CacheTrimError tells the
+        caller to decode again what it needs: a cache is never believed to hold what it does not.
+        """
         if n >= len(self.kv_tokens):
             return
-        if not C.llama_memory_seq_rm(self.memory, 0, n, -1):
-            self.reset()  # some caches (recurrent, sliding-window) cannot drop a tail
-            return
+        dropped = bool(C.llama_memory_seq_rm(self.memory, 0, n, -1))
+        if dropped and C.llama_memory_seq_pos_max(self.memory, 0) != n - 1:
+            dropped = False
+        if not dropped:
+            cut = len(self.kv_tokens) - n
+            self.reset()
+            raise CacheTrimError(f"the KV cache could not drop its last {cut} positions and was emptied")
         del self.kv_tokens[n:]
 
     def decode(self, tokens: Sequence[int], all_logits: bool = False) -> None:
@@ -341,7 +360,8 @@ class Engine:
                 break
             common += 1
         common = min(common, len(tokens) - 1)  # the last token is decoded again for its logits
-        self.truncate(common)
+        with contextlib.suppress(CacheTrimError):  # emptied: the whole prompt is decoded below
+            self.truncate(common)
         new = tokens[len(self.kv_tokens):]
         self.decode(new)
         return len(new)
@@ -350,7 +370,7 @@ class Engine:
     def generate(self, prompt: Sequence[int], sampling: SamplingParams | None = None,
                  max_tokens: int = 256, stop: Sequence[str] = (),
                  cancel: threading.Event | None = None, ignore_eog: bool = False,
-                 speculator=None) -> Iterator[Record]:
+                 speculator: Speculating | None = None) -> Iterator[Record]:
         """Stream the continuation of `prompt` (token ids), one record per sampled token.
 
         `ignore_eog` keeps going past end-of-generation tokens (benchmarks want a fixed length).
@@ -361,11 +381,7 @@ class Engine:
             if speculator is None:
                 yield from self._generate(list(prompt), sampling, max_tokens, stop, cancel, ignore_eog)
             else:
-                from .speculative import decode
-
-                yield from decode.generate(self, prompt, speculator.drafter, speculator.policy,
-                                           sampling, max_tokens, stop, cancel, ignore_eog,
-                                           speculator.tree_width)
+                yield from speculator.generate(self, prompt, sampling, max_tokens, stop, cancel, ignore_eog)
 
     def _generate(self, prompt: list[int], sampling: SamplingParams, max_tokens: int,
                   stop: Sequence[str], cancel: threading.Event | None,

@@ -13,3 +13,7 @@ class ModelNotFound(EdgeLLMError):
 
 class InvalidModel(EdgeLLMError):
     exit_code = 3
+
+
+class CacheTrimError(EdgeLLMError):
+    """The KV cache could not drop a tail and was emptied (Engine.truncate); the caller decodes again."""

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from edgellm.buildflags import cache_key, cmake_args, cpu_flags
-from edgellm.doctor import build_mismatches
+from edgellm.commands.doctor import build_mismatches
 
 ROOT = Path(__file__).resolve().parent.parent
 SAPPHIRE_RAPIDS = ("flags\t\t: fpu sse sse2 avx avx2 fma f16c bmi2 avx512f avx512bw avx512vbmi avx512_vnni "

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ..engine import Engine, LoadOptions
+from ..engine import Engine, LoadOptions, Record
 from ..errors import EdgeLLMError, ModelNotFound
 from ..models import resolve
+from ..sampling import SamplingParams
+from . import decode
 from .costs import load_or_measure
 from .drafters import Combined, Drafter, DraftModel, EditAwareLookup, PromptLookup, check_vocab_compatible
 from .policy import Policy
@@ -23,6 +27,13 @@ class Speculator:
     policy: Policy
     draft_engine: Engine | None = None
     tree_width: int = 1  # > 1: verify token trees of this many branches (greedy)
+
+    def generate(self, engine: Engine, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int,
+                 stop: Sequence[str], cancel: threading.Event | None, ignore_eog: bool) -> Iterator[Record]:
+        """The step generator Engine.generate runs when a speculator is given (the engine never imports
+        this package)."""
+        return decode.generate(engine, prompt, self.drafter, self.policy, sampling, max_tokens, stop, cancel,
+                               ignore_eog, self.tree_width)
 
     def close(self) -> None:
         if self.draft_engine is not None:

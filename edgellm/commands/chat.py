@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .engine import FINISH_WORDS, Engine
-from .gguf_info import read_info
-from .models import BETTER_MODEL_PULL, default_model, resolve
-from .options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
-from .session import ChatSession
-from .speculative.setup import make_speculator
+from ..engine import FINISH_WORDS, Engine
+from ..gguf_info import read_info
+from ..models import BETTER_MODEL_PULL, default_model, resolve
+from ..options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
+from ..session import ChatSession
+from ..speculative.setup import make_speculator
 
 HELP = "commands: /reset (new conversation), /stats (last reply's speed), /exit"
 
@@ -31,7 +31,7 @@ def main(a: argparse.Namespace) -> int:
     defaults = sampling_defaults(a, read_info(path))
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and not a.plain:
-        from .tui.app import run_app
+        from ..tui.app import run_app
 
         return run_app(path, load_options(a), defaults, a.max_tokens, tuple(a.stop), a.draft, embedded)
     engine = Engine(path, load_options(a))

@@ -12,9 +12,9 @@ import random
 import statistics
 import time
 
-from .engine import Engine
-from .models import resolve
-from .options import add_model_arguments, load_options
+from ..engine import Engine
+from ..models import resolve
+from ..options import add_model_arguments, load_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .models import list_local
+from ..models import list_local
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from .engine import FINISH_WORDS, Engine
-from .errors import EdgeLLMError
-from .models import default_model, is_model_spec, resolve
-from .options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
-from .speculative.setup import make_speculator
+from ..engine import FINISH_WORDS, Engine
+from ..errors import EdgeLLMError
+from ..models import default_model, is_model_spec, resolve
+from ..options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
+from ..speculative.setup import make_speculator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from .errors import EdgeLLMError
-from .models import models_dir, snapshot
+from ..errors import EdgeLLMError
+from ..models import models_dir, snapshot
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,11 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(a: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from .quantize.convert import convert, load_config, safetensor_files
-    from .quantize.imatrix import ImportanceMatrix
-    from .quantize.imatrix import compute as compute_imatrix
-    from .quantize.quantize import CONVERT_ONLY, check_type, quantize, tensor_type
-    from .quantize.report import measure
+    from ..quantize.convert import convert, load_config, safetensor_files
+    from ..quantize.imatrix import ImportanceMatrix
+    from ..quantize.imatrix import compute as compute_imatrix
+    from ..quantize.quantize import CONVERT_ONLY, check_type, quantize, tensor_type
+    from ..quantize.report import measure
 
     src = Path(a.model).expanduser()
     if not src.is_dir():
@@ -99,8 +99,8 @@ def main(a: argparse.Namespace) -> int:
             try:
                 convert(src, intermediate, "f16", force=True, progress=progress)
                 if budget is not None:  # an impossible budget fails now, not after the slow steps
-                    from .gguf_info import read_info
-                    from .quantize.budget import target_bytes
+                    from ..gguf_info import read_info
+                    from ..quantize.budget import target_bytes
 
                     target_bytes(read_info(intermediate), *budget)
                 imatrix = None
@@ -113,7 +113,7 @@ def main(a: argparse.Namespace) -> int:
                                               dataset=a.calibration or "assets/calibration.txt")
                     imatrix.save(out.with_name(f"{out.stem}.imatrix"))
                 if budget is not None:
-                    from .quantize.budget import plan
+                    from ..quantize.budget import plan
 
                     bar.update(task, description="measuring sensitivity", total=None)
                     mix = plan(intermediate, imatrix, budget[0], budget[1], a.threads, progress)
@@ -123,8 +123,8 @@ def main(a: argparse.Namespace) -> int:
                 bar.update(task, description=f"quantizing to {qtype}", total=None)
                 prune = None
                 if a.draft:
-                    from .gguf_info import read_info
-                    from .quantize.quantize import draft_layers_to_drop
+                    from ..gguf_info import read_info
+                    from ..quantize.quantize import draft_layers_to_drop
 
                     prune = draft_layers_to_drop(read_info(intermediate).n_layer, a.draft_keep)
                 quantize(intermediate, out, qtype, a.threads, imatrix, prune, tensor_types,
@@ -147,7 +147,7 @@ HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "gen
 
 def budget_bytes(a: argparse.Namespace) -> tuple[int | None, float | None] | None:
     """(bytes, None) for --size, (None, bits) for --bpw, None without a budget."""
-    from .quantize.budget import parse_size
+    from ..quantize.budget import parse_size
 
     if a.size and a.bpw:
         raise EdgeLLMError("give --size or --bpw, not both")
@@ -164,7 +164,7 @@ def parse_tensor_types(items: list[str]) -> dict[str, str]:
     """['attn_v=Q6_K', ...] -> {'attn_v': 'Q6_K'}, every regex and type checked."""
     import re
 
-    from .quantize.quantize import tensor_type
+    from ..quantize.quantize import tensor_type
 
     out = {}
     for item in items:
@@ -182,8 +182,8 @@ def parse_tensor_types(items: list[str]) -> dict[str, str]:
 
 def report_against_f16(src: Path, out: Path, threads: int | None):
     """`out` measured against a fresh F16 of `src`, which is deleted afterwards."""
-    from .quantize.convert import convert
-    from .quantize.report import measure
+    from ..quantize.convert import convert
+    from ..quantize.report import measure
 
     reference = out.with_name(f".{out.stem}.f16.gguf")
     try:
