@@ -4,7 +4,7 @@ import re
 
 from textual.widgets import Input
 
-from edgellm.engine import Engine
+from edgellm.engine import Engine, Record, Stats
 from edgellm.model_defaults import resolve_defaults
 from edgellm.sampling import SamplingParams
 from edgellm.session import ChatSession
@@ -86,3 +86,25 @@ async def test_first_screen_shows_the_settings_and_a_better_model_and_the_reply_
         assert "Paris" in reply
         status = str(app.query_one(StatusLine).render())
         assert re.search(r"\d+ tokens · \d+\.\d t/s", status) and status.endswith("end of turn")
+
+
+async def test_a_reply_shows_its_lines_once_and_no_blank_line_between_its_parts(fresh_engine: Engine):
+    """A bubble keeps finished paragraphs and the streaming tail in two parts; together they show the
+    text as it is, while streaming and after."""
+    session = ChatSession(fresh_engine, SamplingParams.greedy_params(), max_tokens=8)
+    app = ChatApp(session)
+    async with app.run_test(size=(100, 40)) as pilot:
+        bubble = Bubble("assistant", "one\ntwo\n\nthree")
+        await app.query_one("#conversation").mount(bubble)
+        await pilot.pause()
+        assert bubble.size.height == 4  # four lines of content: one blank between the paragraphs
+        stream = Bubble("assistant")
+        await app.query_one("#conversation").mount(stream)
+        await pilot.pause()
+        lines = "".join(f"line {i}\n" for i in range(20))
+        stream.append_records([Record(lines, 1, Stats())])
+        await pilot.pause()
+        assert stream._live.styles.min_height is not None  # room reserved while streaming
+        stream.finish()
+        await pilot.pause()
+        assert stream.size.height == 21 and stream.plain == lines  # 20 lines and the empty one after the last newline

@@ -55,7 +55,7 @@ class Bubble(Vertical):
         lines = self._wrapped_lines(tail)
         if lines > LIVE_LINES and "\n" in tail.plain:  # the finished paragraphs move to the done part
             self._cut += tail.plain.rfind("\n") + 1
-            self._done.update(self.body[:self._cut])
+            self._done.update(self.body[:self._cut - 1])  # its last newline is the break between the parts
             self._done.display = True
             tail = self.body[self._cut:]
             lines = self._wrapped_lines(tail)
@@ -70,7 +70,7 @@ class Bubble(Vertical):
     def finish(self) -> None:
         """Show the whole text with no reserved room (the end of a reply, or a message shown at once)."""
         self._cut = self.body.plain.rfind("\n") + 1
-        self._done.update(self.body[:self._cut])
+        self._done.update(self.body[:max(0, self._cut - 1)])  # its last newline is the break between the parts
         self._done.display = self._cut > 0
         self._reserved = 0
         self._live.styles.min_height = None
