@@ -42,7 +42,7 @@ def summarize(record: Record) -> str:
 class ChatApp(App[int]):
     CSS_PATH = "app.tcss"
     # A reply is rendered 5 times a second, with the tokens of one frame at once: on 2 cores every frame
-    # takes the decode's time (benchmarks/tui.py: 0.98x of `edgellm run` at 5 fps, 0.90x at 8-10).
+    # takes the decode's time (benchmarks/tui.py: 0.96x of `edgellm run` at 5 fps, 0.87-0.90x at 10).
     frame_s = 1 / 5
     TITLE = "edgellm chat"
     BINDINGS: ClassVar[list[Binding]] = [
