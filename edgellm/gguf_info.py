@@ -8,6 +8,7 @@ reaches llama.cpp's C loader: a bad file gets a one-line error here, not a crash
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
 from collections import Counter
@@ -106,6 +107,12 @@ class ModelInfo:
         return str(value) if value else None
 
     @property
+    def vocab_digest(self) -> str | None:
+        """A digest of the vocabulary's pieces: models that share it can draft for each other."""
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        return tokens.digest if isinstance(tokens, LargeArray) else None
+
+    @property
     def n_params(self) -> int:
         return sum(t.n_elements for t in self.tensors)
 
@@ -128,11 +135,13 @@ class ModelInfo:
 
 
 class LargeArray(list):
-    """Stands for a long string array whose items were skipped: it keeps only the length."""
+    """Stands for a long array whose items were skipped: it keeps the length and a digest of the raw
+    bytes (two models with the same tokenizer.ggml.tokens digest share a vocabulary)."""
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, digest: str = "") -> None:
         super().__init__()
         self.length = length
+        self.digest = digest
 
     def __len__(self) -> int:
         return self.length
@@ -184,9 +193,10 @@ class _Cursor:
             etype = self.scalar("<I")
             n = self.count("array")
             if etype == GGUFValueType.STRING and n > KEEP_ARRAY_LEN:
+                start = self.pos
                 for _ in range(n):
                     self.skip_string()
-                return LargeArray(n)
+                return LargeArray(n, hashlib.blake2b(self.buf[start:self.pos], digest_size=16).hexdigest())
             if etype in _SCALARS:
                 fmt = _SCALARS[GGUFValueType(etype)]
                 raw = self.take(n * struct.calcsize(fmt))

@@ -222,6 +222,17 @@ def default_model() -> DefaultModel:
     return DefaultModel(resolve(DEFAULT_MODEL), DEFAULT_MODEL, True)
 
 
+def find_draft(target: ModelInfo) -> LocalModel | None:
+    """A local model that can draft for `target`: the same vocabulary (digest of its pieces) and at most
+    half the parameters; the largest such (it drafts best). None when there is none."""
+    digest = target.vocab_digest
+    if not digest:
+        return None
+    fits = [m for m in list_local() if m.info is not None and m.info.vocab_digest == digest
+            and 2 * m.info.n_params <= target.n_params and m.path.resolve() != target.path.resolve()]
+    return max(fits, key=lambda m: m.info.n_params, default=None)
+
+
 def _pick_gguf(files: list[str]) -> str:
     ggufs = [f for f in files if f.endswith(".gguf")]
     if not ggufs:

@@ -39,9 +39,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=512, help="most tokens to generate")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--draft", default="off", metavar="MODEL|auto|edit|tree|ngram|off",
-                   help="speculative decoding: a draft model, auto (edit-aware lookup, plus the target's "
-                        "small sibling when present), edit (edit-aware lookup), tree (edit-aware lookup "
-                        "with token trees, greedy), ngram (prompt lookup), or off (default)")
+                   help="speculative decoding: a draft model, auto (edit-aware lookup, plus a local model "
+                        "with the target's vocabulary and half its size or less), edit (edit-aware lookup), "
+                        "tree (edit-aware lookup with token trees, greedy), ngram (prompt lookup), or off (default)")
 
 
 def load_options(a: argparse.Namespace) -> LoadOptions:

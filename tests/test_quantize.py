@@ -578,3 +578,26 @@ def test_generation_config_and_head_dim_are_written_like_llama_cpp_converter(tmp
     assert defaults.sampling.top_p == 0.5 and defaults.sampling.min_p == 0.05
     assert defaults.sources == {"temperature": "gguf", "top_k": "gguf", "top_p": "flag", "min_p": "llama.cpp",
                                 "repeat_penalty": "gguf", "repeat_last_n": "llama.cpp"}
+
+
+def test_auto_draft_is_a_local_model_with_the_same_vocabulary(tmp_path: Path, smol_hf: Path, smollm2: Path,
+                                                              monkeypatch):
+    """--draft auto finds its draft model by vocabulary (a digest of the pieces), not by name: here a tiny
+    llama made with SmolLM2's tokenizer, in an otherwise empty models dir."""
+    from edgellm.gguf_info import read_info
+    from edgellm.models import find_draft
+    from edgellm.speculative.setup import make_speculator
+
+    for var, name in (("EDGELLM_MODELS", "models"), ("EDGELLM_DEV_MODELS", "dev"), ("HF_HOME", "hf")):
+        (tmp_path / name).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / name))
+    tiny = convert(tiny_checkpoint(tmp_path / "tiny", "LlamaForCausalLM", smol_hf), tmp_path / "models" / "tiny.gguf")
+    assert read_info(tiny).vocab_digest == read_info(smollm2).vocab_digest
+    assert find_draft(read_info(smollm2)).path == tiny
+    assert find_draft(read_info(tiny)) is None  # nothing with its vocabulary is half its size
+    with Engine(smollm2, LoadOptions(n_ctx=512)) as target:
+        speculator = make_speculator(target, "auto")
+        try:
+            assert speculator.draft_engine is not None and speculator.draft_engine.path == tiny
+        finally:
+            speculator.close()

@@ -7,8 +7,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..engine import Engine, LoadOptions, Record
-from ..errors import EdgeLLMError, ModelNotFound
-from ..models import resolve
+from ..errors import EdgeLLMError
+from ..models import find_draft, resolve
 from ..sampling import SamplingParams
 from . import decode
 from .costs import load_or_measure
@@ -17,8 +17,6 @@ from .policy import Policy
 
 TREE_WIDTH = 3  # branches of a token tree: the main draft and two alternatives
 
-# a target's smaller sibling with the same vocabulary, used by --draft auto when it is present
-SIBLINGS = {"Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf": "qwen2.5-coder-0.5b"}
 
 
 @dataclass
@@ -68,13 +66,10 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32) -> Sp
         return Speculator(EditAwareLookup(), policy, tree_width=TREE_WIDTH)
     elif spec == "auto":
         drafter = EditAwareLookup()
-        sibling = SIBLINGS.get(target.path.name)
-        if sibling:
-            try:
-                draft_engine = _draft_engine(target, sibling)
-                drafter = Combined(drafter, DraftModel(draft_engine))
-            except ModelNotFound:
-                pass
+        found = find_draft(target.info)  # a local model with the target's vocabulary, half its size or less
+        if found is not None:
+            draft_engine = _draft_engine(target, str(found.path))
+            drafter = Combined(drafter, DraftModel(draft_engine))
     else:
         draft_engine = _draft_engine(target, spec)
         drafter = Combined(EditAwareLookup(), DraftModel(draft_engine))
