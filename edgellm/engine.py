@@ -118,6 +118,11 @@ class Record:
     # set on the last record: "eog" | "stop" | "repetition" | "length" | "context" | "cancelled"
     finish_reason: str | None = None
 
+    @property
+    def finish_words(self) -> str:
+        """Why the reply ended, in words for a status line ("" mid-stream)."""
+        return FINISH_WORDS.get(self.finish_reason or "", self.finish_reason or "")
+
 
 class Speculating(Protocol):
     """What Engine.generate needs of a speculator (speculative.setup.Speculator): its step generator."""

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Footer, Header, Input
 
-from ..engine import FINISH_WORDS, Engine, LoadOptions, Record
+from ..engine import Engine, LoadOptions, Record
 from ..errors import EdgeLLMError
 from ..llama_runtime import llama_thread
 from ..model_defaults import Defaults
@@ -30,9 +30,8 @@ from .widgets import Bubble, Notice, ReplyFinished, StatusLine
 
 def summarize(record: Record) -> str:
     s = record.stats
-    finish = FINISH_WORDS.get(record.finish_reason or "", record.finish_reason)
     text = (f"{s.generated_tokens} tokens · {s.decode_tps:.1f} t/s · prompt {s.prompt_tokens} "
-            f"({s.reused_tokens} reused) · {finish}")
+            f"({s.reused_tokens} reused) · {record.finish_words}")
     if s.drafted_tokens:
         text += (f" · draft accepted {s.acceptance:.0%} ({s.mean_accepted:.1f}/step)"
                  f" · ~{s.speedup:.2f}x")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..engine import FINISH_WORDS, Engine
+from ..engine import Engine
 from ..gguf_info import read_info
 from ..models import BETTER_MODEL_PULL, default_model, resolve
 from ..options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
@@ -65,7 +65,7 @@ def plain_chat(session: ChatSession, interactive: bool, embedded: bool = False) 
             continue
         if text == "/stats":
             s = last.stats if last else None
-            out.write(f"{s.as_dict()} · {FINISH_WORDS.get(last.finish_reason or '', '')}\n" if s else "(no reply yet)\n")
+            out.write(f"{s.as_dict()} · {last.finish_words}\n" if s else "(no reply yet)\n")
             continue
         if text.startswith("/") and text.split()[0] in ("/help", "/?"):
             out.write(HELP + "\n")
@@ -77,7 +77,7 @@ def plain_chat(session: ChatSession, interactive: bool, embedded: bool = False) 
         except KeyboardInterrupt:
             out.write(" [interrupted]")
         if interactive and last is not None and last.finish_reason not in ("eog", "stop"):
-            out.write(f"\n[{FINISH_WORDS.get(last.finish_reason or '', last.finish_reason)}]")
+            out.write(f"\n[{last.finish_words}]")
         out.write("\n")
         out.flush()
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..engine import FINISH_WORDS, Engine
+from ..engine import Engine
 from ..errors import EdgeLLMError
 from ..models import default_model, is_model_spec, resolve
 from ..options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
@@ -61,14 +61,14 @@ def main(a: argparse.Namespace) -> int:
     assert record is not None
     if a.json:
         out = {"model": str(engine.path), "text": "".join(text), "finish_reason": record.finish_reason,
-               "finish": FINISH_WORDS.get(record.finish_reason or "", record.finish_reason),
+               "finish": record.finish_words,
                "stats": record.stats.as_dict(), "sampling": defaults.as_dict(),
                "chat_template": engine.is_chat_model}
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
         if record.finish_reason not in ("eog", "stop"):  # say why a reply ended early, as the TUI does
-            print(f"edgellm: {FINISH_WORDS.get(record.finish_reason or '', record.finish_reason)}"
+            print(f"edgellm: {record.finish_words}"
                   + (f" (-n {a.max_tokens})" if record.finish_reason == "length" else ""), file=sys.stderr)
     if speculator is not None:
         speculator.close()
