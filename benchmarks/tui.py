@@ -58,14 +58,15 @@ def inner(out: Path, model: str, n: int, fps: float) -> None:
     from edgellm.cli import command_parser
     from edgellm.gguf_info import read_info
     from edgellm.models import resolve
-    from edgellm.options import load_options, sampling_defaults
+    from edgellm.options import planned_load, sampling_defaults
     from edgellm.tui.app import ChatApp
 
     parser, _ = command_parser("chat")
     a = parser.parse_args(settings(model, n))
     path = resolve(a.model)
-    defaults = sampling_defaults(a, read_info(path))
-    app = ChatApp(model=path, options=load_options(a), defaults=defaults, session_args={
+    info = read_info(path)
+    defaults = sampling_defaults(a, info)
+    app = ChatApp(model=path, options=planned_load(a, info).options, defaults=defaults, session_args={
         "sampling": defaults.sampling, "max_tokens": n, "system": defaults.system})
     if fps:
         app.frame_s = 1 / fps

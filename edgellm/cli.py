@@ -16,6 +16,7 @@ COMMANDS = {
     "models": ("models", "list local models"),
     "pull": ("pull", "download a GGUF from the Hugging Face hub"),
     "doctor": ("doctor", "check this machine, the llama.cpp build and a test decode"),
+    "plan": ("plan", "what loading a model takes in memory, where each part goes, and what fits"),
     "bench": ("bench", "measure prompt and decode speed (like llama-bench)"),
     "quantize": ("quantize", "convert a Hugging Face model folder to a low-bit GGUF"),
 }

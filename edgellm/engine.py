@@ -24,11 +24,11 @@ from gguf import GGMLQuantizationType
 from . import chat_template, llama_runtime
 from .errors import CacheTrimError, EdgeLLMError, InvalidModel
 from .gguf_info import ModelInfo, read_info
+from .memory.probe import KV_TYPES, ContextShape
 from .sampling import Sampler, SamplingParams, logits_row
 from .textstream import TextStream
 
 DEFAULT_CTX = 4096
-KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 
 
 def default_threads() -> int:
@@ -48,6 +48,9 @@ class LoadOptions:
     flash_attn: bool | None = None  # None: llama.cpp decides
     n_seq_max: int = 1
     kv_unified: bool = False  # one KV buffer shared by all sequences (token trees share their prefix)
+    # Most logits rows one batch may ask for; 0 = n_batch (llama.cpp's default). The compute buffer is
+    # reserved for this many rows of the vocabulary: Qwen 0.5B 300 MiB at 512 rows, 40 MiB at 1.
+    n_outputs: int = 0
     # False: weights are read into memory (llama.cpp's LLAMA_LOAD_MODE_NONE). With mmap the file's pages
     # stay resident beside the CPU backend's repacked copy of Q4_0/Q4_K/Q5_K/Q6_K/Q8_0 weights: the 1.5B's
     # peak RSS 1,949 MiB instead of 1,353, at the same prefill and decode speed (README).
@@ -167,6 +170,13 @@ class _Batch:
             self.raw = None
 
 
+def context_shape(options: LoadOptions, n_ctx: int) -> ContextShape:
+    """The context these options make: the engine loads it, the planner dry-runs it."""
+    kv_type = options.type_k if options.type_k == options.type_v else "f16"
+    return ContextShape(n_ctx=n_ctx, n_seq=options.n_seq_max, kv_type=kv_type, n_batch=options.n_batch,
+                        n_outputs=options.n_outputs, kv_unified=options.kv_unified, flash_attn=options.flash_attn)
+
+
 class Engine:
     def __init__(self, path: str | Path, options: LoadOptions | None = None) -> None:
         self.options = options = options or LoadOptions()
@@ -193,18 +203,12 @@ class Engine:
             raise InvalidModel(f"llama.cpp could not load {self.path} (architecture {self.info.arch!r}): "
                                f"{why}")
         cparams = C.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = min(options.n_batch, n_ctx)
-        cparams.n_seq_max = options.n_seq_max
-        cparams.kv_unified = options.kv_unified
+        context_shape(options, n_ctx).apply(cparams)
+        cparams.type_k = GGMLQuantizationType[options.type_k.upper()].value
+        cparams.type_v = GGMLQuantizationType[options.type_v.upper()].value
         if options.eval_callback is not None:
             cparams.cb_eval = options.eval_callback
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
-        cparams.type_k = GGMLQuantizationType[options.type_k.upper()].value
-        cparams.type_v = GGMLQuantizationType[options.type_v.upper()].value
-        if options.flash_attn is not None:
-            cparams.flash_attn_type = (C.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn
-                                       else C.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.ctx = C.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             C.llama_model_free(self.model)
@@ -213,6 +217,7 @@ class Engine:
                                "(out of memory?); try a smaller --ctx or a quantized KV cache")
         self.n_ctx = C.llama_n_ctx(self.ctx)
         self.n_batch = C.llama_n_batch(self.ctx)
+        self.n_outputs = max(options.n_outputs, options.n_seq_max) if options.n_outputs else self.n_batch
         self.vocab = C.llama_model_get_vocab(self.model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.memory = C.llama_get_memory(self.ctx)
@@ -323,6 +328,9 @@ class Engine:
         if len(self.kv_tokens) + len(tokens) > self.n_ctx:
             raise EdgeLLMError(f"context full: {len(self.kv_tokens) + len(tokens)} tokens do not fit in "
                                f"{self.n_ctx}; use a larger --ctx or a shorter prompt")
+        if all_logits and min(len(tokens), self.n_batch) > self.n_outputs:
+            raise EdgeLLMError(f"a batch of {min(len(tokens), self.n_batch)} logits rows, but this context was "
+                               f"made for at most {self.n_outputs} (LoadOptions.n_outputs)")
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             last = start + len(chunk) == len(tokens)
@@ -339,6 +347,9 @@ class Engine:
 
         Leaves `kv_tokens` alone: the caller decides which branch stays (see speculative.tree).
         """
+        if len(tokens) > self.n_outputs:
+            raise EdgeLLMError(f"a token tree of {len(tokens)} rows, but this context was made for at most "
+                               f"{self.n_outputs} (LoadOptions.n_outputs)")
         b = self._batch.raw
         for i, (token, pos, seqs) in enumerate(zip(tokens, positions, seq_ids, strict=True)):
             b.token[i] = token

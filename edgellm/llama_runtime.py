@@ -6,9 +6,12 @@ llama.cpp prints hundreds of lines per model load; they go to the `edgellm.llama
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -18,6 +21,8 @@ log = logging.getLogger("edgellm.llama")
 _ready = False
 GGML_LOG_LEVEL_ERROR = 4
 last_error = ""  # llama.cpp's last error line, to explain a failed load in one line
+_captures: list[list[str]] = []  # open `capture()` blocks: each gets every line logged meanwhile
+_capture_lock = threading.Lock()
 
 
 @C.llama_log_callback
@@ -26,6 +31,8 @@ def _on_log(level: int, text: bytes, _user: object) -> None:
     line = text.decode("utf-8", errors="replace") if text else ""
     if os.environ.get("EDGELLM_VERBOSE"):
         sys.stderr.write(line)
+    for lines in _captures:
+        lines.append(line)
     if level == GGML_LOG_LEVEL_ERROR and line.strip():
         last_error = line.strip()
         log.debug(last_error)
@@ -38,6 +45,20 @@ def init() -> None:
     C.llama_log_set(_on_log, None)
     C.llama_backend_init()
     _ready = True
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[str]]:
+    """Collect llama.cpp's log text written inside the block (the memory planner reads buffer sizes)."""
+    init()
+    lines: list[str] = []
+    with _capture_lock:
+        _captures.append(lines)
+    try:
+        yield lines
+    finally:
+        with _capture_lock:
+            _captures.remove(lines)
 
 
 def system_info() -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .engine import KV_TYPES, LoadOptions
 from .errors import EdgeLLMError
 from .gguf_info import ModelInfo
+from .memory.plan import Plan
 from .model_defaults import Defaults, resolve_defaults
 
 
@@ -20,9 +21,11 @@ def add_model_arguments(p: argparse.ArgumentParser, positional: bool = True) -> 
                        help="GGUF path, alias (default: smollm2-135m) or Hugging Face repo id")
     p.add_argument("-c", "--ctx", type=int, default=None, help="context length in tokens")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("-ngl", "--gpu-layers", type=int, default=0, help="layers to offload to the GPU")
+    p.add_argument("-ngl", "--gpu-layers", type=int, default=None,
+                   help="layers to offload to the GPU (default: as many as fit)")
     p.add_argument("--batch", type=int, default=512, help="prompt batch size")
-    p.add_argument("--kv-type", choices=KV_TYPES, default="f16", help="KV cache type (K and V)")
+    p.add_argument("--kv-type", choices=KV_TYPES, default=None,
+                   help="KV cache type, K and V (default: f16, quantized when f16 does not fit)")
     p.add_argument("--mmap", action="store_true",
                    help="memory-map the weights (default: read them; mmap keeps the file's pages beside the "
                         "repacked copy)")
@@ -45,14 +48,59 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_options(a: argparse.Namespace) -> LoadOptions:
+    """The options exactly as given (no plan): for tools that measure a fixed configuration."""
     if a.ctx is not None and a.ctx < 16:
         raise EdgeLLMError("--ctx must be at least 16")
     tree = getattr(a, "draft", "off") == "tree"  # token trees: one sequence per branch, shared cells
-    return LoadOptions(n_ctx=a.ctx, n_threads=a.threads, n_batch=a.batch, n_gpu_layers=a.gpu_layers,
-                       type_k=a.kv_type, type_v=a.kv_type, n_seq_max=4 if tree else 1, kv_unified=tree,
-                       use_mmap=a.mmap)
+    return LoadOptions(n_ctx=a.ctx, n_threads=a.threads, n_batch=a.batch, n_gpu_layers=a.gpu_layers or 0,
+                       type_k=a.kv_type or "f16", type_v=a.kv_type or "f16", n_seq_max=4 if tree else 1,
+                       kv_unified=tree, use_mmap=a.mmap)
 
 
+def draft_model_path(target: ModelInfo, spec: str) -> str | None:
+    """The draft model a --draft choice loads: none for lookup drafts, a local model of the target's
+    vocabulary for auto."""
+    from .models import find_draft, resolve
+
+    if spec in ("off", "ngram", "edit", "lookup", "tree"):
+        return None
+    if spec == "auto":
+        found = find_draft(target)
+        return str(found.path) if found else None
+    return str(resolve(spec))
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A load decided by the memory plan: engine options, the --draft choice that fits, and why."""
+
+    options: LoadOptions
+    plan: Plan
+    draft: str  # the --draft value to use: the plan's draft model's path, or lookup drafts when none fits
+
+    @property
+    def draft_gpu_layers(self) -> int:
+        return self.plan.draft.n_gpu_layers if self.plan.draft else 0
+
+
+def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> Planned:
+    """The options after the memory plan: a KV type, context, GPU layers and draft that fit, or an
+    EdgeLLMError with the numbers before anything is loaded."""
+    from .memory.plan import PlanRequest, make_plan
+
+    given = load_options(a)
+    spec = getattr(a, "draft", "off")
+    plan = make_plan(info, PlanRequest(n_ctx=a.ctx, parallel=parallel, kv_type=a.kv_type,
+                                       draft=draft_model_path(info, spec), speculative=spec != "off",
+                                       n_gpu_layers=a.gpu_layers, n_batch=a.batch))
+    options = plan.load_options(n_batch=a.batch, n_threads=a.threads, use_mmap=a.mmap)
+    if spec == "tree":
+        options = replace(options, n_seq_max=given.n_seq_max, kv_unified=True, n_outputs=0)
+    if plan.draft is not None:
+        spec = str(plan.draft.info.path)
+    elif spec not in ("off", "ngram", "edit", "lookup", "tree"):
+        spec = "edit"  # no draft model (none found, or no room): lookup drafts cost no memory
+    return Planned(options, plan, spec)
 # option -> (lowest, highest, inclusive low) allowed
 RANGES = {"temp": (0.0, 100.0, True), "top_k": (0, 1 << 30, True), "top_p": (0.0, 1.0, False),
           "min_p": (0.0, 1.0, True), "repeat_penalty": (0.0, 100.0, False), "max_tokens": (1, 1 << 30, True)}

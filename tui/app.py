@@ -7,6 +7,7 @@ that the tests drive too. Escape stops a reply, Ctrl+N starts a new conversation
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 from contextlib import aclosing
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..errors import EdgeLLMError
 from ..llama_runtime import llama_thread
 from ..model_defaults import Defaults
 from ..models import BETTER_MODEL_PULL
+from ..options import Planned
 from ..session import ChatSession
 from ..speculative.setup import make_speculator
 from .widgets import Bubble, Notice, ReplyFinished, StatusLine
@@ -52,17 +54,19 @@ class ChatApp(App[int]):
 
     def __init__(self, session: ChatSession | None = None, *, model: Path | None = None,
                  options: LoadOptions | None = None, session_args: dict | None = None,
-                 defaults: Defaults | None = None, embedded: bool = False) -> None:
+                 defaults: Defaults | None = None, embedded: bool = False, notes: list[str] | None = None) -> None:
         """Pass a ready `session`, or a `model` to load in the background (with `session_args`).
 
         `defaults`: the sampling settings in force and their sources, shown on the first screen;
-        `embedded`: the model is the small embedded one, so the first screen says how to get a better one.
+        `embedded`: the model is the small embedded one, so the first screen says how to get a better one;
+        `notes`: what the memory plan changed to make the load fit, shown on the first screen.
         """
         super().__init__()
         self.session = session
         self._model, self._options = model, options
         self._session_args = session_args or {}
         self._defaults, self._embedded = defaults, embedded
+        self._notes = notes or []
         self._reply_worker = None
         self.last_record: Record | None = None
 
@@ -88,9 +92,10 @@ class ChatApp(App[int]):
         loop = asyncio.get_running_loop()
         args = dict(self._session_args)
         draft = args.pop("draft", "off")
+        speculate = functools.partial(make_speculator, draft_gpu_layers=args.pop("draft_gpu_layers", 0))
         try:
             engine = await loop.run_in_executor(llama_thread(), Engine, self._model, self._options)
-            speculator = await loop.run_in_executor(llama_thread(), make_speculator, engine, draft)
+            speculator = await loop.run_in_executor(llama_thread(), speculate, engine, draft)
         except EdgeLLMError as e:
             self.exit(1, 1, f"edgellm: {e}")
             return
@@ -122,6 +127,7 @@ class ChatApp(App[int]):
                 lines.append(f"System prompt: {self._defaults.system!r} ({self._defaults.system_source})")
         if self._embedded:
             lines.append(f"This is the small embedded model. For better answers, one command: {BETTER_MODEL_PULL}")
+        lines += [f"Memory: {note}" for note in self._notes]
         return "\n".join(lines)
 
     @on(Input.Submitted, "#prompt")
@@ -185,9 +191,9 @@ class ChatApp(App[int]):
         self.query_one(StatusLine).show("new conversation")
 
 
-def run_app(model: Path, options: LoadOptions, defaults: Defaults, max_tokens: int,
-            stop: tuple[str, ...] = (), draft: str = "off", embedded: bool = False) -> int:
-    app = ChatApp(model=model, options=options, defaults=defaults, embedded=embedded, session_args={
+def run_app(model: Path, planned: Planned, defaults: Defaults, max_tokens: int,
+            stop: tuple[str, ...] = (), embedded: bool = False) -> int:
+    app = ChatApp(model=model, options=planned.options, defaults=defaults, embedded=embedded, session_args={
         "sampling": defaults.sampling, "max_tokens": max_tokens, "system": defaults.system, "stop": stop,
-        "draft": draft})
+        "draft": planned.draft, "draft_gpu_layers": planned.draft_gpu_layers}, notes=planned.plan.notes)
     return app.run() or 0

@@ -8,7 +8,7 @@ import sys
 from ..engine import Engine
 from ..gguf_info import read_info
 from ..models import BETTER_MODEL_PULL, default_model, resolve
-from ..options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
+from ..options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
 from ..session import ChatSession
 from ..speculative.setup import make_speculator
 
@@ -28,15 +28,20 @@ def main(a: argparse.Namespace) -> int:
     else:  # the best chat model on this machine, else the embedded one
         chosen = default_model()
         path, embedded = chosen.path, chosen.embedded
-    defaults = sampling_defaults(a, read_info(path))
+    info = read_info(path)
+    defaults = sampling_defaults(a, info)
+    planned = planned_load(a, info)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and not a.plain:
         from ..tui.app import run_app
 
-        return run_app(path, load_options(a), defaults, a.max_tokens, tuple(a.stop), a.draft, embedded)
-    engine = Engine(path, load_options(a))
+        return run_app(path, planned, defaults, a.max_tokens, tuple(a.stop), embedded)
+    for note in planned.plan.notes:
+        print(f"edgellm: {note}", file=sys.stderr)
+    engine = Engine(path, planned.options)
     session = ChatSession(engine, defaults.sampling, a.max_tokens, defaults.system, tuple(a.stop),
-                          speculator=make_speculator(engine, a.draft))
+                          speculator=make_speculator(engine, planned.draft,
+                                                     draft_gpu_layers=planned.draft_gpu_layers))
     return plain_chat(session, interactive, embedded)
 
 

@@ -8,8 +8,9 @@ import sys
 
 from ..engine import Engine
 from ..errors import EdgeLLMError
+from ..gguf_info import read_info
 from ..models import default_model, is_model_spec, resolve
-from ..options import add_model_arguments, add_sampling_arguments, load_options, sampling_defaults
+from ..options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
 from ..speculative.setup import make_speculator
 
 
@@ -39,9 +40,13 @@ def main(a: argparse.Namespace) -> int:
     if not prompt.strip():
         raise EdgeLLMError("the prompt is empty")
     path = resolve(model) if model else default_model().path
-    engine = Engine(path, load_options(a))
-    defaults = sampling_defaults(a, engine.info)
-    speculator = make_speculator(engine, a.draft)
+    info = read_info(path)
+    defaults = sampling_defaults(a, info)
+    planned = planned_load(a, info)
+    for note in planned.plan.notes:
+        print(f"edgellm: {note}", file=sys.stderr)
+    engine = Engine(path, planned.options)
+    speculator = make_speculator(engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers)
     kwargs = {"sampling": defaults.sampling, "max_tokens": a.max_tokens, "speculator": speculator}
     if a.raw:
         records = engine.generate(engine.tokenize(prompt), stop=a.stop, **kwargs)
@@ -63,7 +68,7 @@ def main(a: argparse.Namespace) -> int:
         out = {"model": str(engine.path), "text": "".join(text), "finish_reason": record.finish_reason,
                "finish": record.finish_words,
                "stats": record.stats.as_dict(), "sampling": defaults.as_dict(),
-               "chat_template": engine.is_chat_model}
+               "chat_template": engine.is_chat_model, "plan": planned.plan.as_dict()}
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..engine import Engine, LoadOptions, Record
 from ..errors import EdgeLLMError
+from ..memory.plan import SPECULATIVE_OUTPUTS
 from ..models import find_draft, resolve
 from ..sampling import SamplingParams
 from . import decode
@@ -38,9 +39,11 @@ class Speculator:
             self.draft_engine.close()
 
 
-def _draft_engine(target: Engine, spec: str) -> Engine:
+def _draft_engine(target: Engine, spec: str, gpu_layers: int | None) -> Engine:
+    # as the memory plan sized it (memory.plan.Plan.draft_options): verification-sized outputs for its curve
+    layers = target.options.n_gpu_layers if gpu_layers is None else gpu_layers
     draft = Engine(resolve(spec), LoadOptions(n_ctx=target.n_ctx, n_threads=target.n_threads,
-                                              n_gpu_layers=target.options.n_gpu_layers))
+                                              n_gpu_layers=layers, n_outputs=SPECULATIVE_OUTPUTS))
     try:
         check_vocab_compatible(target, draft)
     except EdgeLLMError:
@@ -49,7 +52,9 @@ def _draft_engine(target: Engine, spec: str) -> Engine:
     return draft
 
 
-def make_speculator(target: Engine, spec: str | None, max_draft: int = 32) -> Speculator | None:
+def make_speculator(target: Engine, spec: str | None, max_draft: int = 32,
+                    draft_gpu_layers: int | None = None) -> Speculator | None:
+    """`spec` as options.planned_load leaves it: a draft model the memory plan has room for, or lookup."""
     spec = (spec or "off").strip()
     if spec == "off":
         return None
@@ -68,10 +73,10 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32) -> Sp
         drafter = EditAwareLookup()
         found = find_draft(target.info)  # a local model with the target's vocabulary, half its size or less
         if found is not None:
-            draft_engine = _draft_engine(target, str(found.path))
+            draft_engine = _draft_engine(target, str(found.path), draft_gpu_layers)
             drafter = Combined(drafter, DraftModel(draft_engine))
     else:
-        draft_engine = _draft_engine(target, spec)
+        draft_engine = _draft_engine(target, spec, draft_gpu_layers)
         drafter = Combined(EditAwareLookup(), DraftModel(draft_engine))
     policy = Policy(load_or_measure(target), max_draft=max_draft)
     if draft_engine is not None:

@@ -1,0 +1,342 @@
+"""The memory plan: how many bytes a load takes, where each goes, and the settings that make it fit.
+
+Figures come from llama.cpp's own dry run (probe.py) when the library is there, else from the GGUF header
+alone (`estimate`, for `edgellm models` and warnings before a download). Peak host RSS is
+
+    process base + fixed overhead + weights on the CPU + KV on the CPU + output + compute buffer
+
+where the fixed overhead is llama.cpp's vocabulary and graph structures (measured: 160 bytes per token
+and merge plus 5 MiB; README "Memory"). The compute buffer is reserved for `n_outputs` logits rows, so
+the plan sets `n_outputs` to what the decoding needs: 1 per slot, 33 with speculation.
+Budgets are `MemAvailable` minus a margin (llama.cpp's --fit uses total RAM on Linux), or `--ram/--vram`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import EdgeLLMError
+from ..gguf_info import ModelInfo, read_info
+from .probe import KV_TYPES, ContextShape, Probe, dry_run
+
+MIB = 1 << 20
+GIB = 1 << 30
+DEFAULT_CTX = 4096
+KV_LADDER = ("f16", "q8_0", "q4_0")  # tried in this order when the user did not name a type
+MIN_AUTO_CTX = 1024  # the plan shrinks an unrequested context down to this, no further
+SPECULATIVE_OUTPUTS = 33  # a verification batch: up to 32 drafted tokens and the pending one
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def fmt(n: int | float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+
+
+def parse_size(text: str) -> int:
+    """'8G', '512M', '1.5GiB', '2000000000' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise EdgeLLMError(f"cannot read {text!r} as a size; write it like 8G, 512M or 1.5GiB")
+    return int(float(m[1]) * (1 << (10 * " kmgt".index(m[2] or " "))))
+
+
+def mem_available() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def default_ram_budget() -> int:
+    """MemAvailable minus a margin for the rest of the machine: 10%, at least 256 MiB, at most 1 GiB."""
+    avail = mem_available()
+    return avail - min(max(avail // 10, 256 * MIB), GIB)
+
+
+def gpu_free_bytes() -> int:
+    """Free memory of the first GPU (0 without GPU offload support or a driver tool to ask)."""
+    from .. import llama_runtime
+
+    if not llama_runtime.supports_gpu_offload() or not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return int(out.split()[0]) * MIB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
+
+
+def process_base() -> int:
+    """This process's resident memory now: a load adds to it."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def fixed_overhead(info: ModelInfo) -> int:
+    """llama.cpp's vocabulary maps, merges and graph structures: not in any buffer it reports."""
+    merges = info.metadata.get("tokenizer.ggml.merges")
+    return 5 * MIB + 160 * (info.vocab_size + (len(merges) if merges is not None else 0))
+
+
+def layer_weights(info: ModelInfo) -> tuple[list[int], int, int]:
+    """(bytes per repeating layer, input embedding bytes, other bytes: output head and norms)."""
+    per_layer = [0] * info.n_layer
+    embd = other = 0
+    for t in info.tensors:
+        m = _BLOCK.match(t.name)
+        if m and int(m[1]) < info.n_layer:
+            per_layer[int(m[1])] += t.n_bytes
+        elif t.name.startswith("token_embd"):
+            embd += t.n_bytes
+        else:
+            other += t.n_bytes
+    return per_layer, embd, other
+
+
+def estimate(info: ModelInfo, shape: ContextShape) -> Probe:
+    """The dry run's figures from the header alone (no llama.cpp): weights exact, KV from the attention
+    shape, compute from a fit to the dry runs of the dev models (within ~10%)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[shape.kv_type.upper()]]
+    k_len, v_len = info.head_dim
+    n_kv = info.n_head_kv * (k_len + v_len)
+    kv = info.n_layer * shape.n_ctx * n_kv * size // block
+    n_ubatch = min(shape.n_batch, shape.n_ctx)
+    n_ff = int(info.arch_value("feed_forward_length", 4 * info.n_embd) or 0)
+    outputs = shape.n_outputs or n_ubatch
+    compute = n_ubatch * 4 * (3 * n_ff + 4 * info.n_embd) + shape.n_ctx * 1024 + outputs * info.vocab_size * 4
+    output = max(outputs, shape.n_seq) * info.vocab_size * 4
+    from .probe import KVCache
+
+    return Probe(sum(t.n_bytes for t in info.tensors), (KVCache(shape.n_ctx, info.n_layer, kv, False),),
+                 compute, output, 0.0)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    n_ctx: int | None = None  # per slot; None: the model's training context, at most DEFAULT_CTX
+    parallel: int = 1  # sequence slots (sessions decoded together)
+    kv_type: str | None = None  # None: f16, quantized when f16 does not fit
+    draft: str | None = None  # a draft model's path, or None
+    speculative: bool = False  # lookup drafts need the wider verification batch even without a model
+    n_gpu_layers: int | None = None  # None: as many as fit
+    ram: int | None = None  # bytes for this load; None: MemAvailable minus a margin
+    vram: int | None = None  # None: the GPU's free memory, 0 without one
+    n_batch: int = 512
+    dry_run: bool = True  # False: the header estimate only
+
+
+@dataclass
+class Side:
+    """One model's share of a plan."""
+
+    info: ModelInfo
+    probe: Probe
+    n_gpu_layers: int = 0
+    vram_bytes: int = 0
+    weights_vram: int = 0
+    kv_vram: int = 0
+
+    @property
+    def host_bytes(self) -> int:
+        p = self.probe
+        return (fixed_overhead(self.info) + p.weights_bytes - self.weights_vram + p.kv_bytes - self.kv_vram
+                + p.output_bytes + (0 if self.n_gpu_layers > self.info.n_layer else p.compute_bytes))
+
+
+@dataclass
+class Plan:
+    target: Side
+    draft: Side | None
+    n_ctx: int  # per slot
+    parallel: int
+    kv_type: str
+    n_outputs: int
+    base_bytes: int
+    ram_budget: int
+    vram_budget: int
+    source: str  # "dry run" or "estimate"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.base_bytes + self.target.host_bytes + (self.draft.host_bytes if self.draft else 0)
+
+    @property
+    def vram_bytes(self) -> int:
+        return self.target.vram_bytes + (self.draft.vram_bytes if self.draft else 0)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.ram_budget and self.vram_bytes <= self.vram_budget
+
+    def _sum(self, name: str) -> int:
+        sides = [self.target, *([self.draft] if self.draft else [])]
+        return sum(getattr(s.probe, name) for s in sides)
+
+    def load_options(self, **extra):
+        from ..engine import LoadOptions
+
+        return LoadOptions(n_ctx=self.n_ctx * self.parallel, n_batch=extra.pop("n_batch", 512),
+                           n_gpu_layers=self.target.n_gpu_layers, type_k=self.kv_type, type_v=self.kv_type,
+                           n_seq_max=self.parallel, n_outputs=self.n_outputs, **extra)
+
+    def as_dict(self) -> dict:
+        t = self.target
+        return {
+            "model": str(t.info.path), "source": self.source, "fits": self.fits,
+            "peak_bytes": self.peak_bytes, "vram_bytes": self.vram_bytes,
+            "weights_bytes": self._sum("weights_bytes"), "kv_bytes": self._sum("kv_bytes"),
+            "compute_bytes": self._sum("compute_bytes"), "output_bytes": self._sum("output_bytes"),
+            "overhead_bytes": self.base_bytes + fixed_overhead(t.info)
+            + (fixed_overhead(self.draft.info) if self.draft else 0),
+            "n_gpu_layers": t.n_gpu_layers, "n_ctx": self.n_ctx, "parallel": self.parallel,
+            "kv_type": self.kv_type, "n_outputs": self.n_outputs,
+            "draft": str(self.draft.info.path) if self.draft else None,
+            "draft_n_gpu_layers": self.draft.n_gpu_layers if self.draft else 0,
+            "ram_budget": self.ram_budget, "vram_budget": self.vram_budget,
+            "kv_caches": [{"cells": c.cells, "layers": c.layers, "bytes": c.nbytes, "windowed": c.windowed}
+                          for c in t.probe.kv],
+            "notes": self.notes,
+        }
+
+    def describe(self) -> str:
+        t = self.target
+        p = t.probe
+        lines = [f"{t.info.name} ({t.info.file_type}), {self.n_ctx} tokens x {self.parallel} slot(s), "
+                 f"KV {self.kv_type}; figures from the {self.source}"]
+        rows = [("weights", p.weights_bytes - t.weights_vram, t.weights_vram)]
+        for c in p.kv:
+            what = "KV (sliding window)" if c.windowed else "KV"
+            share = round(t.kv_vram * c.nbytes / p.kv_bytes) if p.kv_bytes else 0
+            rows.append((f"{what}: {c.layers} layers x {c.cells} cells", c.nbytes - share, share))
+        gpu_compute = t.n_gpu_layers > t.info.n_layer
+        rows += [("compute buffer", 0 if gpu_compute else p.compute_bytes, p.compute_bytes if t.n_gpu_layers else 0),
+                 ("output buffer", p.output_bytes, 0),
+                 ("vocabulary and graph", fixed_overhead(t.info), 0)]
+        if self.draft:
+            d = self.draft
+            rows.append((f"draft {d.info.name}", d.host_bytes, d.vram_bytes))
+        rows.append(("this process", self.base_bytes, 0))
+        for name, host, vram in rows:
+            lines.append(f"  {name:<38} {fmt(host):>10}" + (f"  GPU {fmt(vram):>10}" if vram else ""))
+        lines.append(f"  {'peak host memory':<38} {fmt(self.peak_bytes):>10}  of {fmt(self.ram_budget)} budget")
+        if self.vram_budget:
+            lines.append(f"  {'GPU memory':<38} {fmt(self.vram_bytes):>10}  of {fmt(self.vram_budget)} budget; "
+                         f"{t.n_gpu_layers} of {t.info.n_layer + 1} layers on the GPU")
+        lines += [f"  - {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _probe(info: ModelInfo, shape: ContextShape, use_dry_run: bool) -> Probe:
+    return dry_run(info, shape) if use_dry_run else estimate(info, shape)
+
+
+def _offload(side: Side, vram_left: int, wanted: int | None) -> int:
+    """Put the last layers (llama.cpp offloads from the top) and then the output head on the GPU while they
+    fit after the GPU's compute buffer; return the VRAM left."""
+    info, p = side.info, side.probe
+    per_layer, _, other = layer_weights(info)
+    kv_per_layer = p.kv_bytes / max(1, info.n_layer)
+    limit = info.n_layer + 1 if wanted is None else min(wanted, info.n_layer + 1)
+    if limit <= 0 or vram_left < p.compute_bytes:
+        return vram_left
+    used, n, weights, kv = p.compute_bytes, 0, 0, 0.0
+    for i in reversed(range(info.n_layer)):
+        if n >= limit or used + per_layer[i] + kv_per_layer > vram_left:
+            break
+        used += per_layer[i] + kv_per_layer
+        weights += per_layer[i]
+        kv += kv_per_layer
+        n += 1
+    if n == info.n_layer and n < limit and used + other <= vram_left:
+        used += other
+        weights += other
+        n += 1
+    if n == 0:
+        return vram_left
+    side.n_gpu_layers, side.vram_bytes, side.weights_vram, side.kv_vram = n, int(used), weights, int(kv)
+    return vram_left - int(used)
+
+
+def _attempt(info: ModelInfo, draft: ModelInfo | None, req: PlanRequest, n_ctx: int, parallel: int,
+             kv_type: str, ram: int, vram: int, base: int, source: str) -> Plan:
+    n_outputs = SPECULATIVE_OUTPUTS if (req.speculative or draft) else 1
+    shape = ContextShape(n_ctx=n_ctx * parallel, n_seq=parallel, kv_type=kv_type, n_batch=req.n_batch,
+                         n_outputs=max(n_outputs, parallel))
+    use_dry = source == "dry run"
+    target = Side(info, _probe(info, shape, use_dry))
+    side_draft = None
+    vram_left = vram
+    if draft is not None:  # the draft runs every step: it goes on the GPU first
+        draft_shape = ContextShape(n_ctx=n_ctx * parallel, n_batch=req.n_batch, n_outputs=SPECULATIVE_OUTPUTS)
+        side_draft = Side(draft, _probe(draft, draft_shape, use_dry))
+        vram_left = _offload(side_draft, vram_left, None)
+    if vram_left > 0:
+        _offload(target, vram_left, req.n_gpu_layers)
+    return Plan(target, side_draft, n_ctx, parallel, kv_type, shape.n_outputs, base, ram, vram, source)
+
+
+def make_plan(model: ModelInfo | str | Path, req: PlanRequest | None = None) -> Plan:
+    """The first settings that fit, trying in order: the draft left out, a quantized KV cache (unless the
+    user named one), fewer slots, a shorter context (unless the user named one). A request that fits in
+    none of them raises EdgeLLMError with the numbers, before anything is loaded."""
+    req = req or PlanRequest()
+    info = model if isinstance(model, ModelInfo) else read_info(model)
+    draft = read_info(req.draft) if req.draft else None
+    if req.kv_type is not None and req.kv_type not in KV_TYPES:
+        raise EdgeLLMError(f"unknown KV cache type {req.kv_type!r}; use one of {', '.join(KV_TYPES)}")
+    if req.parallel < 1:
+        raise EdgeLLMError("--parallel must be at least 1")
+    train = info.n_ctx_train or DEFAULT_CTX
+    n_ctx = req.n_ctx or min(train, DEFAULT_CTX)
+    if n_ctx > train:
+        raise EdgeLLMError(f"context {n_ctx} is larger than the model's training context ({train}); "
+                           f"use --ctx {train} or less")
+    ram = req.ram if req.ram is not None else default_ram_budget()
+    vram = req.vram if req.vram is not None else gpu_free_bytes()
+    base = process_base()
+    source = "dry run" if req.dry_run else "estimate"
+    kv_types = [req.kv_type] if req.kv_type else list(KV_LADDER)
+    contexts = [n_ctx]
+    while req.n_ctx is None and contexts[-1] // 2 >= MIN_AUTO_CTX:
+        contexts.append(contexts[-1] // 2)
+
+    def attempt(d: ModelInfo | None, c: int, p: int, k: str) -> Plan:
+        return _attempt(info, d, req, c, p, k, ram, vram, base, source)
+
+    first = attempt(draft, n_ctx, req.parallel, kv_types[0])
+    if first.fits:
+        return first
+    notes: list[str] = []
+    if draft is not None:
+        without = attempt(None, n_ctx, req.parallel, kv_types[0])
+        notes.append(f"draft {draft.name} left out: it needs {fmt(first.peak_bytes - without.peak_bytes)} "
+                     "more than the budget has")
+        if without.fits:
+            without.notes = notes
+            return without
+    for parallel in sorted({req.parallel, *(p for p in (4, 2, 1) if p < req.parallel)}, reverse=True):
+        for c in contexts:
+            for k in kv_types:
+                plan = attempt(None, c, parallel, k)
+                if plan.fits:
+                    if k != kv_types[0]:
+                        notes.append(f"KV cache {k}: f16 does not fit")
+                    if parallel != req.parallel:
+                        notes.append(f"{parallel} slot(s) instead of {req.parallel}: more do not fit")
+                    if c != n_ctx:
+                        notes.append(f"context {c} instead of {n_ctx}: a longer one does not fit")
+                    plan.notes = notes
+                    return plan
+    smallest = attempt(None, contexts[-1], 1, kv_types[-1])
+    gpu = f" and {fmt(smallest.vram_bytes)} of {fmt(vram)} GPU memory" if vram else ""
+    raise EdgeLLMError(f"{info.name} does not fit: it needs {fmt(first.peak_bytes)} of memory "
+                       f"(at least {fmt(smallest.peak_bytes)} with {contexts[-1]} tokens, KV {kv_types[-1]}){gpu}, "
+                       f"and {fmt(ram)} is available for it")
