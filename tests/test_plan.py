@@ -121,7 +121,7 @@ def test_plan_json_has_every_figure(qwen05, cli):
                 "n_ctx", "kv_type", "draft"):
         assert key in plan
     assert plan["n_ctx"] == 2048 and plan["kv_type"] == "f16" and plan["draft"] is None
-    assert 0 < plan["n_gpu_layers"] and 0 < plan["vram_bytes"] <= 250 * MIB
+    assert plan["n_gpu_layers"] > 0 and 0 < plan["vram_bytes"] <= 250 * MIB
     assert plan["kv_bytes"] == 2048 * 24 * 2 * 64 * 2 * 2  # cells x layers x kv heads x head dim x K,V x f16
     text = cli("plan", str(qwen05), "--ctx", "2048", "--vram", "250M")
     assert "layers on the GPU" in text.stdout and "peak host memory" in text.stdout

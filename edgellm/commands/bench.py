@@ -2,6 +2,8 @@
 
 pp: a batch of N random tokens into an empty KV cache. tg: N single-token decodes. One warm-up run,
 then `--repetitions` runs; the table shows the median and the spread.
+`--parallel N`: N sessions through the scheduler at once, each a -p token prompt and -g new tokens (the
+shape of `llama-batched-bench -npp 128 -ntg 128 -npl N`): the aggregate decode tokens/s and each session's.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ import statistics
 import time
 
 from ..engine import Engine
+from ..errors import EdgeLLMError
 from ..models import resolve
 from ..options import add_model_arguments, load_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (0: skip)")
+    p.add_argument("-p", "--n-prompt", type=int, default=None,
+                   help="prompt tokens for pp, 0 skips it (default 512; 128 per session with --parallel)")
     p.add_argument("-g", "--n-gen", type=int, default=128, help="tokens for tg (0: skip)")
     p.add_argument("-r", "--repetitions", type=int, default=5)
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="N concurrent sessions through the scheduler: aggregate decode tokens/s")
     p.add_argument("--json", action="store_true", help="print results as JSON")
 
 
@@ -53,7 +59,58 @@ def measure(engine: Engine, test: str, n: int, repetitions: int, seed: int = 0) 
     return [run(engine, n, rng) for _ in range(repetitions)]
 
 
+def run_parallel(engine: Engine, n: int, n_prompt: int, n_gen: int, rng: random.Random) -> dict:
+    """N sessions at once; decode tokens/s from the step after the last prefill to the end."""
+    from ..memory.scheduler import Scheduler
+    from ..sampling import SamplingParams
+
+    engine.reset()
+    scheduler = Scheduler(engine)
+    requests = [scheduler.submit(_random_tokens(engine, n_prompt, rng), SamplingParams.greedy_params(), n_gen,
+                                 ignore_eog=True) for _ in range(n)]
+    t0 = time.perf_counter()
+    while any(not r.records for r in requests):
+        scheduler.step()
+    t_decode = time.perf_counter()
+    scheduler.run()
+    t1 = time.perf_counter()
+    scheduler.close()
+    generated = sum(r.stats.generated_tokens - 1 for r in requests)  # the first comes out of the prefill
+    return {"aggregate_tps": generated / (t1 - t_decode), "prefill_s": t_decode - t0,
+            "tps": [r.stats.decode_tps for r in requests]}
+
+
+def bench_parallel(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    n, n_prompt = a.parallel, a.n_prompt if a.n_prompt is not None else 128
+    if n < 1 or n_prompt < 1 or a.n_gen < 2:
+        raise EdgeLLMError("--parallel, -p need at least 1 and -g at least 2")
+    options = replace(load_options(a), n_ctx=n * (n_prompt + a.n_gen + 8), n_seq_max=n, n_outputs=n,
+                      n_batch=max(a.batch, min(n * n_prompt, 2048)))
+    engine = Engine(resolve(a.model), options)
+    rng = random.Random(0)
+    run_parallel(engine, n, min(n_prompt, 16), 8, rng)  # warm-up
+    runs = [run_parallel(engine, n, n_prompt, a.n_gen, rng) for _ in range(a.repetitions)]
+    engine.close()
+    middle = sorted(runs, key=lambda r: r["aggregate_tps"])[len(runs) // 2]
+    out = {"model": str(engine.path), "parallel": n, "n_prompt": n_prompt, "n_gen": a.n_gen,
+           "threads": engine.n_threads, "aggregate_tps": middle["aggregate_tps"], "tps": middle["tps"],
+           "prefill_s": middle["prefill_s"], "samples": [r["aggregate_tps"] for r in runs]}
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(f"{engine.info.name}: {n} sessions x (pp{n_prompt} + tg{a.n_gen}): "
+              f"{out['aggregate_tps']:.2f} t/s together, "
+              f"{statistics.median(out['tps']):.2f} t/s per session (median of {a.repetitions} runs)")
+    return 0
+
+
 def main(a: argparse.Namespace) -> int:
+    if a.parallel is not None:
+        return bench_parallel(a)
+    if a.n_prompt is None:
+        a.n_prompt = 512
     options = load_options(a)
     need = max(a.n_prompt, a.n_gen) + 8
     if options.n_ctx is None or options.n_ctx < need:

@@ -1,0 +1,308 @@
+"""Several sessions on one model: each its own KV sequence in one context, every step one llama_decode.
+
+Continuous batching (iteration-level scheduling): a step carries the next token of every decoding
+sequence and, in the room left under n_batch, a chunk of each new request's prompt, so a prefill joins
+the running steps instead of stalling them. A request goes to the slot that already holds its session
+(or the longest common prefix); when every slot is taken, the least recently used idle slot is swapped
+to disk with llama_state_seq_save_file and restored when its session comes back, so a conversation
+switched out and back does not prefill again (kvfile.py checks that a file fits the context).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp as C
+
+from ..engine import Engine, Record, Stats
+from ..errors import CacheTrimError, EdgeLLMError
+from ..sampling import Sampler, SamplingParams
+from ..textstream import TextStream
+from . import kvfile
+
+
+@dataclass
+class Slot:
+    """One KV sequence of the context: the tokens it holds, and the session that last used it."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    session: str | None = None
+    busy: bool = False
+    last_used: float = 0.0
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: Sequence[str] = ()
+    ignore_eog: bool = False
+    session: str | None = None  # requests of one conversation share a slot (and its KV prefix)
+    cancel: threading.Event | None = None
+    records: list[Record] = field(default_factory=list)  # appended as they are made
+    stats: Stats = field(init=False)
+    slot: Slot | None = None
+    done: bool = False
+    _todo: list[int] = field(default_factory=list)  # prompt tokens not yet in the KV cache
+    _next: int | None = None  # the last sampled token, decoded by the next step
+    _sampler: Sampler | None = None
+    _text: TextStream | None = None
+    _t0: float = 0.0
+    _t_first: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.stats = Stats(prompt_tokens=len(self.prompt))
+
+    @property
+    def text(self) -> str:
+        return "".join(r.text for r in self.records)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.records[-1].finish_reason if self.records else None
+
+
+class Scheduler:
+    """Batches the requests of many sessions on one engine loaded with n_seq_max slots.
+
+    Drive it from one thread (llama_runtime.llama_thread in an app): `submit`, then `step` until idle,
+    or `generate` for one request's records while others run beside it.
+    """
+
+    def __init__(self, engine: Engine, swap_dir: Path | None = None) -> None:
+        if engine.n_outputs < engine.options.n_seq_max:
+            raise EdgeLLMError("the scheduler needs a context made for one logits row per slot")
+        self.engine = engine
+        self.slots = [Slot(i) for i in range(engine.options.n_seq_max)]
+        self.cells = engine.n_ctx // len(self.slots)  # positions per slot (llama.cpp splits n_ctx)
+        self.swap_dir = swap_dir
+        self.swapped: dict[str, Path] = {}  # session -> its saved KV file
+        self.waiting: list[Request] = []
+        self.active: list[Request] = []
+        self._batch = C.llama_batch_init(engine.n_batch, 0, 1)
+        self.steps = 0
+        self.swaps_out = self.swaps_in = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None, max_tokens: int = 256,
+               stop: Sequence[str] = (), ignore_eog: bool = False, session: str | None = None,
+               cancel: threading.Event | None = None) -> Request:
+        if not prompt:
+            raise EdgeLLMError("empty prompt")
+        if len(prompt) >= self.cells:
+            raise EdgeLLMError(f"the prompt is {len(prompt)} tokens but a slot holds {self.cells}; "
+                               "use a larger --ctx or fewer slots")
+        request = Request(list(prompt), sampling or SamplingParams(), max_tokens, tuple(stop), ignore_eog,
+                          session, cancel)
+        self.waiting.append(request)
+        return request
+
+    def generate(self, prompt: Sequence[int], **kwargs) -> Iterator[Record]:
+        """Submit one request and step until it is done, yielding its records (others advance too)."""
+        request = self.submit(prompt, **kwargs)
+        seen = 0
+        while not request.done:
+            self.step()
+            yield from request.records[seen:]
+            seen = len(request.records)
+        yield from request.records[seen:]
+
+    def run(self) -> None:
+        while self.step():
+            pass
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.active
+
+    # -- slots ------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting:
+            request = self.waiting[0]
+            slot = self._slot_for(request)
+            if slot is None:
+                return  # every slot is decoding: wait for one to finish
+            self.waiting.pop(0)
+            self._start(request, slot)
+
+    def _slot_for(self, request: Request) -> Slot | None:
+        """The slot that holds this session, else the one sharing the longest prefix, else the least
+        recently used (another session's KV is swapped to disk first)."""
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            return None
+        if request.session is not None:
+            for s in free:
+                if s.session == request.session:
+                    return s
+        shared = [s for s in free if s.session is None and _common(s.tokens, request.prompt)]
+        if shared and request.session not in self.swapped:
+            return max(shared, key=lambda s: _common(s.tokens, request.prompt))
+        slot = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+        self._swap_out(slot)
+        if request.session is not None and request.session in self.swapped:
+            self._swap_in(request.session, slot)
+        return slot
+
+    def _swap_out(self, slot: Slot) -> None:
+        """Save the slot's KV sequence to disk (when it belongs to a session) and empty it."""
+        if slot.tokens and slot.session is not None and self.swap_dir is not None:
+            path = self.swap_dir / f"{kvfile.safe_name(slot.session)}.kv"
+            kvfile.save(self.engine, slot.seq_id, slot.tokens, path)
+            self.swapped[slot.session] = path
+            self.swaps_out += 1
+        C.llama_memory_seq_rm(self.engine.memory, slot.seq_id, -1, -1)
+        slot.tokens, slot.session = [], None
+
+    def _swap_in(self, session: str, slot: Slot) -> None:
+        path = self.swapped.pop(session)
+        try:
+            slot.tokens = kvfile.load(self.engine, slot.seq_id, path, self.cells)
+            slot.session = session
+            self.swaps_in += 1
+        except EdgeLLMError:
+            C.llama_memory_seq_rm(self.engine.memory, slot.seq_id, -1, -1)
+            slot.tokens = []  # the session's prompt is prefilled again
+        finally:
+            kvfile.remove(path)
+
+    def _start(self, request: Request, slot: Slot) -> None:
+        request._t0 = time.perf_counter()
+        keep = min(_common(slot.tokens, request.prompt), len(request.prompt) - 1)
+        try:
+            self._trim(slot, keep)
+        except CacheTrimError:
+            keep = 0
+        slot.busy, slot.session, slot.last_used = True, request.session, time.monotonic()
+        request.slot = slot
+        request._todo = request.prompt[keep:]
+        request.stats.prefilled_tokens = len(request._todo)
+        request._sampler = Sampler(request.sampling, self.engine.n_vocab, request.prompt)
+        request._text = TextStream(request.stop)
+        self.active.append(request)
+
+    def _trim(self, slot: Slot, n: int) -> None:
+        if n >= len(slot.tokens):
+            return
+        memory = self.engine.memory
+        ok = bool(C.llama_memory_seq_rm(memory, slot.seq_id, n, -1))
+        if not ok or (n and C.llama_memory_seq_pos_max(memory, slot.seq_id) != n - 1):
+            C.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            slot.tokens = []
+            raise CacheTrimError("the KV sequence could not drop its tail and was emptied")
+        del slot.tokens[n:]
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Decode one batch: the next token of every decoding request, then prompt chunks. False when
+        there is nothing to do."""
+        self._admit()
+        if not self.active:
+            return False
+        b = self._batch
+        n = 0
+        rows: list[tuple[Request, int]] = []  # requests that sample from this step, and their row
+        added: list[tuple[Slot, list[int]]] = []
+        capacity = self.engine.n_batch
+        for r in self.active:
+            if r._next is not None:
+                slot = r.slot
+                assert slot is not None
+                self._put(b, n, r._next, len(slot.tokens), slot.seq_id, True)
+                rows.append((r, n))
+                added.append((slot, [r._next]))
+                r._next = None
+                n += 1
+        for r in self.active:
+            if r._todo and n < capacity:
+                slot = r.slot
+                assert slot is not None
+                chunk = r._todo[:capacity - n]
+                del r._todo[:len(chunk)]
+                for i, token in enumerate(chunk):
+                    last = not r._todo and i == len(chunk) - 1
+                    self._put(b, n, token, len(slot.tokens) + i, slot.seq_id, last)
+                    if last:
+                        rows.append((r, n))
+                    n += 1
+                added.append((slot, chunk))
+        b.n_tokens = n
+        rc = C.llama_decode(self.engine.ctx, b)
+        if rc != 0:
+            raise EdgeLLMError(f"llama_decode failed with code {rc} "
+                               f"({'KV cache full' if rc == 1 else 'compute error'})")
+        self.steps += 1
+        for slot, tokens in added:
+            slot.tokens.extend(tokens)
+        for r, row in rows:
+            self._sample(r, row)
+        self.active = [r for r in self.active if not r.done]
+        return True
+
+    @staticmethod
+    def _put(b: C.llama_batch, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = logits
+
+    def _sample(self, r: Request, row: int) -> None:
+        assert r._sampler is not None and r._text is not None and r.slot is not None
+        now = time.perf_counter()
+        token = r._sampler.sample(self.engine.ctx, row)
+        if r.stats.generated_tokens == 0 and not r.records:
+            r._t_first = now
+            r.stats.prefill_s = now - r._t0
+        r.stats.decode_s = now - r._t_first
+        if not r.ignore_eog and self.engine.is_eog(token):
+            self._finish(r, Record(r._text.flush(), None, r.stats, finish_reason="eog"))
+            return
+        r.stats.generated_tokens += 1
+        piece = r._text.push(self.engine.token_bytes(token))
+        finish = None
+        if r._text.stopped:
+            finish = r._text.reason
+        elif r.stats.generated_tokens >= r.max_tokens:
+            finish = "length"
+        elif r.cancel is not None and r.cancel.is_set():
+            finish = "cancelled"
+        elif len(r.slot.tokens) + 1 >= self.cells:
+            finish = "context"
+        if finish:
+            self._finish(r, Record(piece + r._text.flush(), token, r.stats, finish_reason=finish))
+            return
+        r._next = token
+        r.records.append(Record(piece, token, r.stats))
+
+    def _finish(self, r: Request, last: Record) -> None:
+        r.records.append(last)
+        r.done = True
+        if r._sampler is not None:
+            r._sampler.close()
+        slot = r.slot
+        assert slot is not None
+        slot.busy, slot.last_used = False, time.monotonic()
+
+    def close(self) -> None:
+        if self._batch is not None:
+            C.llama_batch_free(self._batch)
+            self._batch = None
+        for path in self.swapped.values():
+            kvfile.remove(path)
+        self.swapped.clear()
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
