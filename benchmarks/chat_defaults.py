@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from edgellm.engine import Engine, LoadOptions
 from edgellm.models import resolve
-from edgellm.sampling import SamplingParams
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.sampling import SamplingParams
 from tests.support.questions import QUESTIONS
 
 CANDIDATES: list[tuple[str, SamplingParams]] = [

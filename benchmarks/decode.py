@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_tools import tool_paths
 
-from edgellm.engine import Engine, LoadOptions
 from edgellm.errors import ModelNotFound
 from edgellm.models import ALIASES, resolve
-from edgellm.sampling import SamplingParams
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.sampling import SamplingParams
 
 TARGETS = {"smollm2-135m": 0.97, "qwen2.5-coder-1.5b": 0.99}
 PROMPT = [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}]

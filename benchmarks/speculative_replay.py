@@ -29,7 +29,7 @@ from prompts import EDIT, GENERATION
 from speculative import ceiling
 
 from edgellm import buildflags
-from edgellm.sampling import SamplingParams
+from edgellm.runtime.sampling import SamplingParams
 from edgellm.speculative.costs import CostCurve
 from edgellm.speculative.decode import generate
 from edgellm.speculative.drafters import EditAwareLookup, PromptLookup
@@ -85,7 +85,7 @@ class ReplayTarget:
 
 
 def record(path: Path, target_name: str, n: int, threads: int) -> None:
-    from edgellm.engine import Engine
+    from edgellm.runtime.engine import Engine
     from edgellm.speculative.costs import load_or_measure
 
     target = Engine.load(target_name, n_ctx=4096, n_threads=threads, n_seq_max=4, kv_unified=True)

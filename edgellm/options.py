@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from .engine import KV_TYPES, LoadOptions
 from .errors import EdgeLLMError
 from .gguf_info import ModelInfo
-from .memory.plan import Plan
+from .memory.plan import Plan, PlanRequest
 from .model_defaults import Defaults, resolve_defaults
+from .runtime.engine import KV_TYPES, Engine, LoadOptions
 
 
 def add_model_arguments(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -41,10 +42,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("-n", "--max-tokens", type=int, default=512, help="most tokens to generate")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--draft", default="off", metavar="MODEL|auto|edit|tree|ngram|off",
-                   help="speculative decoding: a draft model, auto (edit-aware lookup, plus a local model "
-                        "with the target's vocabulary and half its size or less), edit (edit-aware lookup), "
-                        "tree (edit-aware lookup with token trees, greedy), ngram (prompt lookup), or off (default)")
+    p.add_argument("--draft", default="auto", metavar="MODEL|auto|edit|tree|ngram|off",
+                   help="speculative decoding: auto (default: edit-aware lookup, which costs nothing and turns "
+                        "itself off when it does not pay, plus a local model with the target's vocabulary and "
+                        "half its size or less when memory allows), a draft model, edit (lookup only), tree "
+                        "(lookup with token trees, greedy), ngram (prompt lookup), or off")
 
 
 def load_options(a: argparse.Namespace) -> LoadOptions:
@@ -74,33 +76,44 @@ def draft_model_path(target: ModelInfo, spec: str) -> str | None:
 class Planned:
     """A load decided by the memory plan: engine options, the --draft choice that fits, and why."""
 
-    options: LoadOptions
+    path: Path
+    request: PlanRequest
     plan: Plan
+    options: LoadOptions
     draft: str  # the --draft value to use: the plan's draft model's path, or lookup drafts when none fits
+    extra: dict = field(default_factory=dict)  # load options the plan does not decide (threads, mmap, batch)
 
     @property
     def draft_gpu_layers(self) -> int:
         return self.plan.draft.n_gpu_layers if self.plan.draft else 0
 
+    def load(self) -> Engine:
+        """The engine, through the process's model manager (shared, budgeted; memory.manager)."""
+        from .memory.manager import process_manager
+
+        return process_manager().acquire(self.path, self.request, plan=self.plan, **self.extra).engine
+
 
 def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> Planned:
     """The options after the memory plan: a KV type, context, GPU layers and draft that fit, or an
     EdgeLLMError with the numbers before anything is loaded."""
-    from .memory.plan import PlanRequest, make_plan
+    from .memory.plan import make_plan
 
-    given = load_options(a)
+    load_options(a)  # the checks on the flags as given
     spec = getattr(a, "draft", "off")
-    plan = make_plan(info, PlanRequest(n_ctx=a.ctx, parallel=parallel, kv_type=a.kv_type,
-                                       draft=draft_model_path(info, spec), speculative=spec != "off",
-                                       n_gpu_layers=a.gpu_layers, n_batch=a.batch))
-    options = plan.load_options(n_batch=a.batch, n_threads=a.threads, use_mmap=a.mmap)
-    if spec == "tree":
-        options = replace(options, n_seq_max=given.n_seq_max, kv_unified=True, n_outputs=0)
+    request = PlanRequest(n_ctx=a.ctx, parallel=parallel, kv_type=a.kv_type, draft=draft_model_path(info, spec),
+                          speculative=spec != "off", tree=spec == "tree", n_gpu_layers=a.gpu_layers,
+                          n_batch=a.batch)
+    plan = make_plan(info, request)
+    extra = {"n_batch": a.batch, "n_threads": a.threads, "use_mmap": a.mmap}
+    options = plan.load_options(**extra)
     if plan.draft is not None:
         spec = str(plan.draft.info.path)
     elif spec not in ("off", "ngram", "edit", "lookup", "tree"):
         spec = "edit"  # no draft model (none found, or no room): lookup drafts cost no memory
-    return Planned(options, plan, spec)
+    return Planned(info.path, request, plan, options, spec, extra)
+
+
 # option -> (lowest, highest, inclusive low) allowed
 RANGES = {"temp": (0.0, 100.0, True), "top_k": (0, 1 << 30, True), "top_p": (0.0, 1.0, False),
           "min_p": (0.0, 1.0, True), "repeat_penalty": (0.0, 100.0, False), "max_tokens": (1, 1 << 30, True)}
@@ -123,8 +136,8 @@ def sampling_defaults(a: argparse.Namespace, info: ModelInfo) -> Defaults:
     flags = {"temperature": a.temp, "top_k": a.top_k, "top_p": a.top_p, "min_p": a.min_p,
              "repeat_penalty": a.repeat_penalty}
     defaults = resolve_defaults(info, flags, seed=a.seed, system=getattr(a, "system", None))
-    if getattr(a, "draft", "off") != "off" and a.repeat_penalty is None and defaults.sampling.repeat_penalty != 1.0:
-        # speculative decoding has no repeat penalty; a model default gives way, a flag is refused later
+    if getattr(a, "draft", "off") == "tree" and a.repeat_penalty is None and defaults.sampling.repeat_penalty != 1.0:
+        # token trees have no repeat penalty; a model default gives way, a flag is refused later
         defaults = replace(defaults, sampling=replace(defaults.sampling, repeat_penalty=1.0),
-                           sources=defaults.sources | {"repeat_penalty": "off: speculative decoding has none"})
+                           sources=defaults.sources | {"repeat_penalty": "off: token trees have none"})
     return defaults

@@ -12,9 +12,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Engine, Record
-from .llama_runtime import llama_thread
-from .sampling import SamplingParams
+from .runtime.backend import llama_thread
+from .runtime.engine import Engine, Record
+from .runtime.sampling import SamplingParams
 
 
 @dataclass

@@ -11,8 +11,8 @@ import signal
 import sys
 import time
 
-from .engine import Engine, LoadOptions
-from .sampling import SamplingParams
+from .runtime.engine import Engine, LoadOptions
+from .runtime.sampling import SamplingParams
 
 
 def main() -> int:

@@ -24,9 +24,9 @@ import llama_cpp as C
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from edgellm.engine import Engine, LoadOptions
 from edgellm.errors import EdgeLLMError
 from edgellm.gguf_info import ModelInfo, read_info
+from edgellm.runtime.engine import Engine, LoadOptions
 
 from .ggml_quant import round_trip, row_bytes
 from .imatrix import GGML_OP_MUL_MAT, GGMLTensor, ImportanceMatrix

@@ -17,7 +17,7 @@ import gguf
 import llama_cpp as C
 import numpy as np
 
-from edgellm.engine import Engine, LoadOptions
+from edgellm.runtime.engine import Engine, LoadOptions
 
 CALIBRATION = Path(__file__).resolve().parent.parent / "assets" / "calibration.txt"
 GGML_OP_MUL_MAT = 29  # enum ggml_op in the vendored ggml.h

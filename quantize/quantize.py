@@ -9,9 +9,9 @@ from pathlib import Path
 import gguf
 import llama_cpp as C
 
-from edgellm import llama_runtime
 from edgellm.errors import EdgeLLMError
 from edgellm.gguf_info import read_info
+from edgellm.runtime import backend
 
 # types llama-quantize refuses to make without an importance matrix
 NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
@@ -81,7 +81,7 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatr
     from .imatrix import as_quantize_param
 
     ftype = check_type(qtype, imatrix is not None)
-    llama_runtime.init()
+    backend.init()
     params = C.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = threads or os.cpu_count() or 1
@@ -114,7 +114,7 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatr
     try:
         rc = C.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
-            why = llama_runtime.last_error or f"code {rc}"
+            why = backend.last_error or f"code {rc}"
             raise EdgeLLMError(f"llama.cpp could not quantize {src.name} to {qtype.upper()}: {why}")
         os.replace(tmp, out)
     finally:

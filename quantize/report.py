@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.engine import Engine, LoadOptions
 from edgellm.gguf_info import read_info
+from edgellm.runtime.engine import Engine, LoadOptions
 
 HELDOUT = Path(__file__).resolve().parent.parent / "assets" / "heldout.txt"
 

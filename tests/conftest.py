@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.engine import Engine, LoadOptions
 from edgellm.models import resolve
+from edgellm.runtime.engine import Engine, LoadOptions
 
 
 @pytest.fixture(scope="session")

@@ -53,9 +53,9 @@ def test_doctor_flags_instructions_the_cpu_lacks():
 
 
 def test_installed_build_matches_this_cpu():
-    from edgellm import llama_runtime
+    from edgellm.runtime import backend
 
-    assert build_mismatches(cpu_flags(), llama_runtime.system_info()) == []
+    assert build_mismatches(cpu_flags(), backend.system_info()) == []
 
 
 def test_subpackages_live_under_the_edgellm_namespace():

@@ -5,9 +5,9 @@ import ctypes
 import llama_cpp as C
 import pytest
 
-from edgellm.engine import Engine, LoadOptions
 from edgellm.errors import EdgeLLMError
-from edgellm.sampling import SamplingParams
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.sampling import SamplingParams
 from edgellm.textstream import TextStream
 
 GREEDY = SamplingParams.greedy_params()
@@ -44,7 +44,7 @@ def test_chat_template_matches_llama_cpp(engine: Engine):
     items = (C.llama_chat_message * len(MESSAGES))(
         *[C.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in MESSAGES])
     buf = ctypes.create_string_buffer(4096)
-    template = C.llama_model_chat_template(engine.model, None)
+    template = C.llama_model_chat_template(engine.weights.ptr, None)
     n = C.llama_chat_apply_template(template, items, len(MESSAGES), True, buf, len(buf))
     assert rendered == buf.raw[:n].decode()
     assert rendered.endswith("<|im_start|>assistant\n")

@@ -11,9 +11,9 @@ import gguf
 import pytest
 from support.questions import QUESTIONS
 
-from edgellm.engine import Engine
 from edgellm.gguf_info import read_info
 from edgellm.model_defaults import LLAMA_CPP, resolve_defaults
+from edgellm.runtime.engine import Engine
 from edgellm.textstream import TextStream
 
 SEED = 0

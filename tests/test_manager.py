@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.engine import Engine
 from edgellm.errors import EdgeLLMError
 from edgellm.memory.manager import ModelManager
 from edgellm.memory.plan import PlanRequest, make_plan
+from edgellm.runtime.engine import Engine
 from tests.dev_models import dev_model
 
 REQUEST = PlanRequest(n_ctx=512)
@@ -52,7 +52,7 @@ def test_the_least_recently_used_idle_model_is_evicted(smollm2, gemma3):
         pass
     with manager.use(gemma3, REQUEST, n_threads=2) as e:
         assert e.info.arch == "gemma3"
-    assert manager.loaded() == [gemma3.resolve()] and manager.used <= manager.budget
+    assert manager.loaded() == [gemma3] and manager.used <= manager.budget
     assert any(ev.startswith("evicted " + smollm2.name) for ev in manager.events)
     manager.close()
 
@@ -72,7 +72,7 @@ def test_a_load_that_does_not_fit_yet_waits_for_a_release(smollm2, gemma3):
     assert not got and any(ev.startswith("waiting: " + gemma3.name) for ev in manager.events)
     manager.release(held)
     t.join(60)
-    assert got == ["gemma3"] and manager.loaded() == [gemma3.resolve()]
+    assert got == ["gemma3"] and manager.loaded() == [gemma3]
     held = manager.acquire(gemma3, REQUEST, n_threads=2)
     with pytest.raises(EdgeLLMError, match="did not finish in time"):
         manager.acquire(smollm2, REQUEST, timeout=0.2, n_threads=2)
@@ -92,7 +92,7 @@ def test_idle_models_are_unloaded_after_the_keep_alive(smollm2):
     manager = ModelManager(budget=4 * charge(smollm2), keep_alive_s=0.0)
     with manager.use(smollm2, REQUEST, n_threads=2):
         manager.expire()
-        assert manager.loaded() == [smollm2.resolve()]  # in use: kept
+        assert manager.loaded() == [smollm2]  # in use: kept
     time.sleep(0.01)
     manager.expire()
     assert manager.loaded() == []

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from edgellm import llama_runtime
-from edgellm.engine import Engine, LoadOptions
 from edgellm.errors import EdgeLLMError
 from edgellm.gguf_info import read_info
 from edgellm.memory.plan import PlanRequest, estimate, layer_weights, make_plan
-from edgellm.memory.probe import ContextShape, dry_run, parse
+from edgellm.runtime import backend
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.probe import ContextShape, dry_run, parse
 from tests.dev_models import dev_model
 
 MIB = 1 << 20
@@ -38,7 +38,7 @@ def test_dry_run_equals_the_real_load(name, smollm2, qwen05, gemma3):
     path = model_path(name, smollm2, qwen05, gemma3)
     options = LoadOptions(n_ctx=2048, n_seq_max=2, n_outputs=4, n_threads=2)
     predicted = dry_run(read_info(path), ContextShape(n_ctx=2048, n_seq=2, n_outputs=4))
-    with llama_runtime.capture() as lines, Engine(path, options):
+    with backend.capture() as lines, Engine(path, options):
         pass
     log = "".join(lines)
     real = parse(log, predicted.weights_bytes, 0.0)
@@ -103,7 +103,7 @@ def test_what_does_not_fit_is_given_up_in_order(qwen05, smollm2):
 
 
 def test_an_impossible_request_is_refused_with_the_numbers(qwen05, cli):
-    with pytest.raises(EdgeLLMError, match=r"does not fit: it needs [\d.]+ MiB .* and 300 MiB is available"):
+    with pytest.raises(EdgeLLMError, match=r"does not fit: it needs [\d.]+ [MG]iB .* and 300 MiB is available"):
         make_plan(qwen05, PlanRequest(ram=300 * MIB))
     result = cli("plan", str(qwen05), "--ram", "300M")
     assert result.returncode == 1
@@ -128,10 +128,12 @@ def test_plan_json_has_every_figure(qwen05, cli):
 
 
 def test_run_loads_what_the_plan_says(cli):
-    result = cli("run", "smollm2-135m", "Say hi.", "-n", "4", "--json", "--temp", "0")
-    assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)["plan"]
-    assert plan["n_outputs"] == 1 and plan["kv_type"] == "f16" and plan["fits"]
+    speculative = cli("run", "smollm2-135m", "Say hi.", "-n", "4", "--json", "--temp", "0")
+    assert speculative.returncode == 0, speculative.stderr
+    plan = json.loads(speculative.stdout)["plan"]  # --draft auto: a verification batch's rows
+    assert plan["n_outputs"] == 33 and plan["kv_type"] == "f16" and plan["fits"]
+    plain = cli("run", "smollm2-135m", "Say hi.", "-n", "4", "--json", "--temp", "0", "--draft", "off")
+    assert json.loads(plain.stdout)["plan"]["n_outputs"] == 1
 
 
 def test_a_batch_wider_than_the_context_was_made_for_is_refused(smollm2):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from edgellm.engine import Engine, LoadOptions
 from edgellm.quantize.convert import convert
 from edgellm.quantize.export import export
-from edgellm.sampling import SamplingParams
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.sampling import SamplingParams
 
 TEXTS = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.engine import Engine, LoadOptions
 from edgellm.errors import EdgeLLMError
-from edgellm.memory import kvfile
 from edgellm.memory.scheduler import Scheduler
-from edgellm.sampling import SamplingParams
+from edgellm.runtime import kvfile
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams.greedy_params()
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):",
@@ -123,3 +123,38 @@ def test_bench_parallel_reports_aggregate_and_per_session_speed(cli):
     out = json.loads(result.stdout)
     assert out["parallel"] == 2 and len(out["tps"]) == 2 and all(t > 0 for t in out["tps"])
     assert out["aggregate_tps"] > max(out["tps"]) * 0.9  # two sessions together beat one of them
+
+
+def test_memory_pressure_gives_way_in_order_and_loses_no_text(engine, batched, smollm2, tmp_path):
+    from edgellm.memory.pressure import MemoryWatch
+    from edgellm.speculative.setup import make_speculator
+
+    want = alone(engine, PROMPTS[3], 40)
+    batched.reset()
+    available = {"bytes": 1 << 40}
+    scheduler = Scheduler(batched, tmp_path, MemoryWatch(margin=1 << 30, available=lambda: available["bytes"],
+                                                         interval_s=0.0))
+    speculator = make_speculator(engine, str(smollm2))  # a draft model beside the target
+    assert speculator is not None and speculator.draft_engine is not None
+    scheduler.reliefs.append(speculator.drop_draft)
+    done = scheduler.submit(batched.tokenize(PROMPTS[0]), GREEDY, 4, session="a")
+    scheduler.run()  # "a" is idle now, its KV still in a slot
+    running = scheduler.submit(batched.tokenize(PROMPTS[3]), GREEDY, 40, ignore_eog=True, session="b")
+    for _ in range(5):
+        scheduler.step()
+    available["bytes"] = 1 << 20  # the machine runs short
+    for _ in range(3):
+        scheduler.step()
+    events = [r.event for r in running.records if r.event]
+    assert events == [f"memory low: draft model {engine.info.name} unloaded",
+                      "memory low: 1 idle conversation(s) moved out of memory",
+                      "memory low: new sessions refused until memory frees"]
+    assert speculator.draft_engine is None and "a" in scheduler.swapped
+    with pytest.raises(EdgeLLMError, match="memory is low"):
+        scheduler.submit(batched.tokenize("Hello"), GREEDY, 4)
+    available["bytes"] = 1 << 40
+    scheduler.run()
+    assert scheduler.accepting and done.finish_reason
+    assert running.finish_reason == "length" and same_or_near_tie(want, running.text)
+    scheduler.close()
+    speculator.close()

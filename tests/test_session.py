@@ -2,9 +2,9 @@
 
 import pytest
 
-from edgellm.engine import Engine
 from edgellm.errors import EdgeLLMError
-from edgellm.sampling import SamplingParams
+from edgellm.runtime.engine import Engine
+from edgellm.runtime.sampling import SamplingParams
 from edgellm.session import ChatSession
 
 
@@ -36,7 +36,7 @@ async def test_closing_the_stream_cancels_generation(fresh_engine: Engine):
 
 
 def test_failed_turn_leaves_history_unchanged(smollm2):
-    from edgellm.engine import LoadOptions
+    from edgellm.runtime.engine import LoadOptions
 
     with Engine(smollm2, LoadOptions(n_ctx=64)) as small:
         session = ChatSession(small, max_tokens=4)

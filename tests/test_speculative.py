@@ -11,8 +11,8 @@ import llama_cpp as C
 import numpy as np
 import pytest
 
-from edgellm.engine import Engine, LoadOptions
-from edgellm.sampling import Sampler, SamplingParams, probabilities
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.sampling import Sampler, SamplingParams, probabilities
 from edgellm.speculative.costs import CostCurve, load_or_measure
 from edgellm.speculative.decode import _Picker
 from edgellm.speculative.drafters import Combined, DraftModel, EditAwareLookup, PromptLookup
@@ -231,6 +231,28 @@ def test_cost_curve_is_measured_once_and_cached(engine: Engine, curve: CostCurve
 
     assert _cache_path(engine).exists()
     assert load_or_measure(engine).seconds == load_or_measure(engine).seconds  # read back, not re-measured
+
+
+def test_greedy_speculation_applies_the_repeat_penalty_as_plain_decoding(engine: Engine, curve: CostCurve):
+    penalized = SamplingParams(temperature=0.0, repeat_penalty=1.3)
+    prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS["copy"]}])
+    engine.reset()
+    plain = [r.token for r in engine.generate(prompt, penalized, max_tokens=64) if r.token is not None]
+    assert plain != plain_tokens(engine, prompt, 64)[:len(plain)]  # the penalty changes this text
+    engine.reset()
+    records = list(engine.generate(prompt, penalized, max_tokens=64,
+                                   speculator=Speculator(EditAwareLookup(), Policy(curve, fixed=8))))
+    spec = [r.token for r in records if r.token is not None]
+    assert records[-1].stats.drafted_tokens > 0
+    diverge = next((i for i, (a, b) in enumerate(zip(plain, spec, strict=False)) if a != b), None)
+    if diverge is not None:  # only at a near-tie of the penalized logits
+        from edgellm.speculative.decode import penalize
+
+        engine.reset()
+        engine.prefill(prompt + plain[:diverge])
+        logits = penalize(engine.logits(-1), (prompt + plain[:diverge])[-64:], 1.3)
+        first, second = np.argsort(logits)[::-1][:2]
+        assert spec[diverge] == second and logits[first] - logits[second] < NEAR_TIE
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,9 +4,9 @@ import re
 
 from textual.widgets import Input
 
-from edgellm.engine import Engine, Record, Stats
 from edgellm.model_defaults import resolve_defaults
-from edgellm.sampling import SamplingParams
+from edgellm.runtime.engine import Engine, Record, Stats
+from edgellm.runtime.sampling import SamplingParams
 from edgellm.session import ChatSession
 from edgellm.tui.app import ChatApp
 from edgellm.tui.widgets import Bubble, Notice, StatusLine

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
+from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import ClassVar
@@ -19,12 +20,12 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Footer, Header, Input
 
-from ..engine import Engine, LoadOptions, Record
 from ..errors import EdgeLLMError
-from ..llama_runtime import llama_thread
 from ..model_defaults import Defaults
 from ..models import BETTER_MODEL_PULL
 from ..options import Planned
+from ..runtime.backend import llama_thread
+from ..runtime.engine import Engine, LoadOptions, Record
 from ..session import ChatSession
 from ..speculative.setup import make_speculator
 from .widgets import Bubble, Notice, ReplyFinished, StatusLine
@@ -54,19 +55,21 @@ class ChatApp(App[int]):
 
     def __init__(self, session: ChatSession | None = None, *, model: Path | None = None,
                  options: LoadOptions | None = None, session_args: dict | None = None,
-                 defaults: Defaults | None = None, embedded: bool = False, notes: list[str] | None = None) -> None:
+                 defaults: Defaults | None = None, embedded: bool = False, notes: list[str] | None = None,
+                 loader: Callable[[], Engine] | None = None) -> None:
         """Pass a ready `session`, or a `model` to load in the background (with `session_args`).
 
         `defaults`: the sampling settings in force and their sources, shown on the first screen;
         `embedded`: the model is the small embedded one, so the first screen says how to get a better one;
-        `notes`: what the memory plan changed to make the load fit, shown on the first screen.
+        `notes`: what the memory plan changed to make the load fit, shown on the first screen;
+        `loader`: how to get the engine (the model manager's), instead of loading `model` with `options`.
         """
         super().__init__()
         self.session = session
-        self._model, self._options = model, options
         self._session_args = session_args or {}
         self._defaults, self._embedded = defaults, embedded
         self._notes = notes or []
+        self._loader = loader or functools.partial(Engine, model, options)
         self._reply_worker = None
         self.last_record: Record | None = None
 
@@ -88,13 +91,13 @@ class ChatApp(App[int]):
 
     @work(exclusive=True, group="load")
     async def load_engine(self) -> None:
-        # on the thread that will decode: one OpenMP team for the process (llama_runtime.llama_thread)
+        # on the thread that will decode: one OpenMP team for the process (backend.llama_thread)
         loop = asyncio.get_running_loop()
         args = dict(self._session_args)
         draft = args.pop("draft", "off")
         speculate = functools.partial(make_speculator, draft_gpu_layers=args.pop("draft_gpu_layers", 0))
         try:
-            engine = await loop.run_in_executor(llama_thread(), Engine, self._model, self._options)
+            engine = await loop.run_in_executor(llama_thread(), self._loader)
             speculator = await loop.run_in_executor(llama_thread(), speculate, engine, draft)
         except EdgeLLMError as e:
             self.exit(1, 1, f"edgellm: {e}")
@@ -159,6 +162,8 @@ class ChatApp(App[int]):
                 async for frame in frames:
                     if reply.append_records(frame):
                         conversation.scroll_end(animate=False)
+                    for event in (r.event for r in frame if r.event):
+                        self.query_one(StatusLine).show(event)  # memory pressure: what was given up
                     last = frame[-1]
         except EdgeLLMError as e:
             reply.add_class("error")
@@ -193,7 +198,8 @@ class ChatApp(App[int]):
 
 def run_app(model: Path, planned: Planned, defaults: Defaults, max_tokens: int,
             stop: tuple[str, ...] = (), embedded: bool = False) -> int:
-    app = ChatApp(model=model, options=planned.options, defaults=defaults, embedded=embedded, session_args={
+    app = ChatApp(model=model, options=planned.options, loader=planned.load, defaults=defaults, embedded=embedded,
+                  session_args={
         "sampling": defaults.sampling, "max_tokens": max_tokens, "system": defaults.system, "stop": stop,
         "draft": planned.draft, "draft_gpu_layers": planned.draft_gpu_layers}, notes=planned.plan.notes)
     return app.run() or 0

@@ -10,7 +10,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Static
 
-from ..engine import Record
+from ..runtime.engine import Record
 
 DRAFT_STYLE = "bold green"  # tokens accepted from a speculative draft
 LIVE_LINES = 12  # a streaming tail longer than this hands its finished paragraphs to the done part

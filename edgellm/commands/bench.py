@@ -14,10 +14,10 @@ import random
 import statistics
 import time
 
-from ..engine import Engine
 from ..errors import EdgeLLMError
 from ..models import resolve
 from ..options import add_model_arguments, load_options
+from ..runtime.engine import Engine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,7 +62,7 @@ def measure(engine: Engine, test: str, n: int, repetitions: int, seed: int = 0) 
 def run_parallel(engine: Engine, n: int, n_prompt: int, n_gen: int, rng: random.Random) -> dict:
     """N sessions at once; decode tokens/s from the step after the last prefill to the end."""
     from ..memory.scheduler import Scheduler
-    from ..sampling import SamplingParams
+    from ..runtime.sampling import SamplingParams
 
     engine.reset()
     scheduler = Scheduler(engine)
@@ -90,7 +90,7 @@ def bench_parallel(a: argparse.Namespace) -> int:
                       n_batch=max(a.batch, min(n * n_prompt, 2048)))
     engine = Engine(resolve(a.model), options)
     rng = random.Random(0)
-    run_parallel(engine, n, min(n_prompt, 16), 8, rng)  # warm-up
+    run_parallel(engine, n, n_prompt, min(a.n_gen, 32), rng)  # warm-up: the first run at full size is slower
     runs = [run_parallel(engine, n, n_prompt, a.n_gen, rng) for _ in range(a.repetitions)]
     engine.close()
     middle = sorted(runs, key=lambda r: r["aggregate_tps"])[len(runs) // 2]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..engine import Engine
 from ..gguf_info import read_info
 from ..models import BETTER_MODEL_PULL, default_model, resolve
 from ..options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
@@ -38,7 +37,7 @@ def main(a: argparse.Namespace) -> int:
         return run_app(path, planned, defaults, a.max_tokens, tuple(a.stop), embedded)
     for note in planned.plan.notes:
         print(f"edgellm: {note}", file=sys.stderr)
-    engine = Engine(path, planned.options)
+    engine = planned.load()
     session = ChatSession(engine, defaults.sampling, a.max_tokens, defaults.system, tuple(a.stop),
                           speculator=make_speculator(engine, planned.draft,
                                                      draft_gpu_layers=planned.draft_gpu_layers))
@@ -77,6 +76,8 @@ def plain_chat(session: ChatSession, interactive: bool, embedded: bool = False) 
             continue
         try:
             for last in session.send(text):
+                if last.event:  # memory pressure: what was given up, beside the text
+                    print(f"edgellm: {last.event}", file=sys.stderr)
                 out.write(last.text)
                 out.flush()
         except KeyboardInterrupt:

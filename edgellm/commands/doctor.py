@@ -84,7 +84,7 @@ def smoke_decode(model: Path) -> tuple[bool, str]:
 def collect(model_spec: str | None) -> tuple[dict, bool]:
     import psutil
 
-    from .. import llama_runtime
+    from ..runtime import backend
 
     flags = buildflags.cpu_flags()
     expected_key = buildflags.cache_key(buildflags.cmake_args(flags, buildflags.has_cuda()))
@@ -95,7 +95,7 @@ def collect(model_spec: str | None) -> tuple[dict, bool]:
         installed_key = marker.read_text().strip() if marker.exists() else "not built by edgellm"
     except ImportError:
         installed_key = "llama-cpp-python is not installed"
-    system_info = llama_runtime.system_info()
+    system_info = backend.system_info()
     mem = psutil.virtual_memory()
     folder = models_dir()
     probe = folder if folder.exists() else Path.home()
@@ -114,7 +114,7 @@ def collect(model_spec: str | None) -> tuple[dict, bool]:
         "llama_cpp_python": llama_version,
         "build_key": f"{installed_key} (expected {expected_key})",
         "llama_cpp_system_info": system_info.strip(),
-        "gpu_offload": llama_runtime.supports_gpu_offload(),
+        "gpu_offload": backend.supports_gpu_offload(),
         "gpus": _gpus() or ["none"],
         "ram": f"{mem.total / 2**30:.1f} GiB total, {mem.available / 2**30:.1f} GiB available",
         "models_dir": str(folder),

@@ -6,16 +6,16 @@ import argparse
 import json
 
 from ..memory.plan import PlanRequest, make_plan, parse_size
-from ..memory.probe import KV_TYPES
 from ..models import default_model, resolve
 from ..options import draft_model_path
+from ..runtime.probe import KV_TYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="GGUF path, alias or repo id (default: the chat's)")
     p.add_argument("-c", "--ctx", type=int, default=None, help="context per slot (default: the model's, "
                    "at most 4096, shorter if that does not fit)")
-    p.add_argument("--draft", default="off", metavar="MODEL|auto|off",
+    p.add_argument("--draft", default="auto", metavar="MODEL|auto|off",
                    help="plan a draft model beside it (auto: a local model with the same vocabulary)")
     p.add_argument("--parallel", type=int, default=1, help="sequence slots decoded together")
     p.add_argument("--kv-type", choices=KV_TYPES, default=None, help="KV cache type (default: f16, "

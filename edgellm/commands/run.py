@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from ..engine import Engine
 from ..errors import EdgeLLMError
 from ..gguf_info import read_info
+from ..memory.manager import process_manager
 from ..models import default_model, is_model_spec, resolve
 from ..options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
 from ..speculative.setup import make_speculator
@@ -45,7 +45,7 @@ def main(a: argparse.Namespace) -> int:
     planned = planned_load(a, info)
     for note in planned.plan.notes:
         print(f"edgellm: {note}", file=sys.stderr)
-    engine = Engine(path, planned.options)
+    engine = planned.load()
     speculator = make_speculator(engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers)
     kwargs = {"sampling": defaults.sampling, "max_tokens": a.max_tokens, "speculator": speculator}
     if a.raw:
@@ -58,6 +58,8 @@ def main(a: argparse.Namespace) -> int:
         records = engine.chat([*system, {"role": "user", "content": prompt}], stop=a.stop, **kwargs)
     text, record = [], None
     for record in records:
+        if record.event:  # memory pressure: what was given up, beside the text
+            print(f"edgellm: {record.event}", file=sys.stderr)
         if a.json:
             text.append(record.text)
         else:
@@ -77,5 +79,5 @@ def main(a: argparse.Namespace) -> int:
                   + (f" (-n {a.max_tokens})" if record.finish_reason == "length" else ""), file=sys.stderr)
     if speculator is not None:
         speculator.close()
-    engine.close()
+    process_manager().close()
     return 0

@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
-from ..engine import Engine, LoadOptions
 from ..errors import EdgeLLMError
 from ..gguf_info import read_info
+from ..runtime.engine import Engine, LoadOptions
 from .plan import Plan, PlanRequest, default_ram_budget, fmt, make_plan, process_base
 
 DEFAULT_KEEP_ALIVE_S = 300.0  # as Ollama's default
@@ -32,6 +33,12 @@ class Loaded:
     charge: int  # bytes held against the budget
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
+
+
+@lru_cache(maxsize=1)
+def process_manager() -> ModelManager:
+    """The process's one manager: the CLI, the chat and a server load through it."""
+    return ModelManager()
 
 
 class ModelManager:
@@ -63,10 +70,11 @@ class ModelManager:
             self.release(loaded)
 
     def acquire(self, path: str | Path, request: PlanRequest | None = None, timeout: float | None = None,
-                **options) -> Loaded:
-        path = Path(path).resolve()
+                plan: Plan | None = None, **options) -> Loaded:
+        """`plan`: one already made for this request (options.planned_load), not made again."""
+        path = Path(path)  # as given: a hub cache's symlink keeps the name the user knows
         request = request or PlanRequest()
-        key = (path, request, tuple(sorted(options.items())))
+        key = (path.resolve(), request, tuple(sorted(options.items())))
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self.expire()
@@ -76,7 +84,8 @@ class ModelManager:
                     m.last_used = time.monotonic()
                     return m
             # the plan against the whole budget: a model that can never fit is refused now
-            plan = make_plan(read_info(path), replace(request, ram=self.budget + process_base()))
+            if plan is None:
+                plan = make_plan(read_info(path), replace(request, ram=self.budget + process_base()))
             charge = plan.peak_bytes - plan.base_bytes
             while self.used + charge > self.budget:
                 if self._evict_one():

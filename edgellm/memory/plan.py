@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import EdgeLLMError
 from ..gguf_info import ModelInfo, read_info
-from .probe import KV_TYPES, ContextShape, Probe, dry_run
+from ..runtime.probe import KV_TYPES, ContextShape, Probe, dry_run
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -29,6 +29,7 @@ DEFAULT_CTX = 4096
 KV_LADDER = ("f16", "q8_0", "q4_0")  # tried in this order when the user did not name a type
 MIN_AUTO_CTX = 1024  # the plan shrinks an unrequested context down to this, no further
 SPECULATIVE_OUTPUTS = 33  # a verification batch: up to 32 drafted tokens and the pending one
+TREE_SEQUENCES = 4  # token trees: sequence 0 and a branch each for up to three continuations
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -58,9 +59,9 @@ def default_ram_budget() -> int:
 
 def gpu_free_bytes() -> int:
     """Free memory of the first GPU (0 without GPU offload support or a driver tool to ask)."""
-    from .. import llama_runtime
+    from ..runtime import backend
 
-    if not llama_runtime.supports_gpu_offload() or not shutil.which("nvidia-smi"):
+    if not backend.supports_gpu_offload() or not shutil.which("nvidia-smi"):
         return 0
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
@@ -112,7 +113,7 @@ def estimate(info: ModelInfo, shape: ContextShape) -> Probe:
     outputs = shape.n_outputs or n_ubatch
     compute = n_ubatch * 4 * (3 * n_ff + 4 * info.n_embd) + shape.n_ctx * 1024 + outputs * info.vocab_size * 4
     output = max(outputs, shape.n_seq) * info.vocab_size * 4
-    from .probe import KVCache
+    from ..runtime.probe import KVCache
 
     return Probe(sum(t.n_bytes for t in info.tensors), (KVCache(shape.n_ctx, info.n_layer, kv, False),),
                  compute, output, 0.0)
@@ -125,6 +126,7 @@ class PlanRequest:
     kv_type: str | None = None  # None: f16, quantized when f16 does not fit
     draft: str | None = None  # a draft model's path, or None
     speculative: bool = False  # lookup drafts need the wider verification batch even without a model
+    tree: bool = False  # token trees: a branch per sequence in one unified cache, all rows with logits
     n_gpu_layers: int | None = None  # None: as many as fit
     ram: int | None = None  # bytes for this load; None: MemAvailable minus a margin
     vram: int | None = None  # None: the GPU's free memory, 0 without one
@@ -159,6 +161,7 @@ class Plan:
     kv_type: str
     n_outputs: int
     base_bytes: int
+    tree: bool
     ram_budget: int
     vram_budget: int
     source: str  # "dry run" or "estimate"
@@ -181,8 +184,12 @@ class Plan:
         return sum(getattr(s.probe, name) for s in sides)
 
     def load_options(self, **extra):
-        from ..engine import LoadOptions
+        from ..runtime.engine import LoadOptions
 
+        if self.tree:
+            return LoadOptions(n_ctx=self.n_ctx, n_batch=extra.pop("n_batch", 512), n_gpu_layers=self.target.n_gpu_layers,
+                               type_k=self.kv_type, type_v=self.kv_type, n_seq_max=TREE_SEQUENCES, kv_unified=True,
+                               n_outputs=0, **extra)
         return LoadOptions(n_ctx=self.n_ctx * self.parallel, n_batch=extra.pop("n_batch", 512),
                            n_gpu_layers=self.target.n_gpu_layers, type_k=self.kv_type, type_v=self.kv_type,
                            n_seq_max=self.parallel, n_outputs=self.n_outputs, **extra)
@@ -215,7 +222,8 @@ class Plan:
         for c in p.kv:
             what = "KV (sliding window)" if c.windowed else "KV"
             share = round(t.kv_vram * c.nbytes / p.kv_bytes) if p.kv_bytes else 0
-            rows.append((f"{what}: {c.layers} layers x {c.cells} cells", c.nbytes - share, share))
+            slots = f" x {self.parallel} slots" if self.parallel > 1 else ""
+            rows.append((f"{what}: {c.layers} layers x {c.cells} cells{slots}", c.nbytes - share, share))
         gpu_compute = t.n_gpu_layers > t.info.n_layer
         rows += [("compute buffer", 0 if gpu_compute else p.compute_bytes, p.compute_bytes if t.n_gpu_layers else 0),
                  ("output buffer", p.output_bytes, 0),
@@ -268,19 +276,22 @@ def _offload(side: Side, vram_left: int, wanted: int | None) -> int:
 def _attempt(info: ModelInfo, draft: ModelInfo | None, req: PlanRequest, n_ctx: int, parallel: int,
              kv_type: str, ram: int, vram: int, base: int, source: str) -> Plan:
     n_outputs = SPECULATIVE_OUTPUTS if (req.speculative or draft) else 1
-    shape = ContextShape(n_ctx=n_ctx * parallel, n_seq=parallel, kv_type=kv_type, n_batch=req.n_batch,
-                         n_outputs=max(n_outputs, parallel))
+    if req.tree:
+        shape = ContextShape(n_ctx=n_ctx, n_seq=TREE_SEQUENCES, kv_type=kv_type, n_batch=req.n_batch, kv_unified=True)
+    else:
+        shape = ContextShape(n_ctx=n_ctx * parallel, n_seq=parallel, kv_type=kv_type, n_batch=req.n_batch,
+                             n_outputs=max(n_outputs, parallel))
     use_dry = source == "dry run"
     target = Side(info, _probe(info, shape, use_dry))
     side_draft = None
     vram_left = vram
     if draft is not None:  # the draft runs every step: it goes on the GPU first
-        draft_shape = ContextShape(n_ctx=n_ctx * parallel, n_batch=req.n_batch, n_outputs=SPECULATIVE_OUTPUTS)
+        draft_shape = ContextShape(n_ctx=n_ctx, n_batch=req.n_batch, n_outputs=1)  # it drafts for one session
         side_draft = Side(draft, _probe(draft, draft_shape, use_dry))
         vram_left = _offload(side_draft, vram_left, None)
     if vram_left > 0:
         _offload(target, vram_left, req.n_gpu_layers)
-    return Plan(target, side_draft, n_ctx, parallel, kv_type, shape.n_outputs, base, ram, vram, source)
+    return Plan(target, side_draft, n_ctx, parallel, kv_type, shape.n_outputs, base, req.tree, ram, vram, source)
 
 
 def make_plan(model: ModelInfo | str | Path, req: PlanRequest | None = None) -> Plan:

@@ -6,34 +6,42 @@ the running steps instead of stalling them. A request goes to the slot that alre
 (or the longest common prefix); when every slot is taken, the least recently used idle slot is swapped
 to disk with llama_state_seq_save_file and restored when its session comes back, so a conversation
 switched out and back does not prefill again (kvfile.py checks that a file fits the context).
+
+Under memory pressure (a MemoryWatch: MemAvailable below its margin) it gives way in order, one stage per
+low reading: the reliefs its owner registered (a draft model dropped), then every idle sequence swapped
+to disk, then new sessions refused until memory is back; each stage is an event record in the stream of
+every running request. No running session is stopped and no text is lost.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import llama_cpp as C
-
-from ..engine import Engine, Record, Stats
 from ..errors import CacheTrimError, EdgeLLMError
-from ..sampling import Sampler, SamplingParams
+from ..runtime import kvfile
+from ..runtime.context import KVSequence, TokenBatch
+from ..runtime.engine import Engine, Record, Stats, finish_after
+from ..runtime.sampling import Sampler, SamplingParams
 from ..textstream import TextStream
-from . import kvfile
+from .pressure import MemoryWatch
 
 
 @dataclass
 class Slot:
-    """One KV sequence of the context: the tokens it holds, and the session that last used it."""
+    """One KV sequence of the context, and the session that last used it."""
 
-    seq_id: int
-    tokens: list[int] = field(default_factory=list)
+    kv: KVSequence
     session: str | None = None
     busy: bool = False
     last_used: float = 0.0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.kv.tokens
 
 
 @dataclass
@@ -71,23 +79,28 @@ class Request:
 class Scheduler:
     """Batches the requests of many sessions on one engine loaded with n_seq_max slots.
 
-    Drive it from one thread (llama_runtime.llama_thread in an app): `submit`, then `step` until idle,
+    Drive it from one thread (backend.llama_thread in an app): `submit`, then `step` until idle,
     or `generate` for one request's records while others run beside it.
     """
 
-    def __init__(self, engine: Engine, swap_dir: Path | None = None) -> None:
+    def __init__(self, engine: Engine, swap_dir: Path | None = None, watch: MemoryWatch | None = None) -> None:
         if engine.n_outputs < engine.options.n_seq_max:
             raise EdgeLLMError("the scheduler needs a context made for one logits row per slot")
         self.engine = engine
-        self.slots = [Slot(i) for i in range(engine.options.n_seq_max)]
+        self.slots = [Slot(engine.sequence(i)) for i in range(engine.options.n_seq_max)]
         self.cells = engine.n_ctx // len(self.slots)  # positions per slot (llama.cpp splits n_ctx)
         self.swap_dir = swap_dir
         self.swapped: dict[str, Path] = {}  # session -> its saved KV file
         self.waiting: list[Request] = []
         self.active: list[Request] = []
-        self._batch = C.llama_batch_init(engine.n_batch, 0, 1)
+        self._batch = TokenBatch(engine.n_batch)
         self.steps = 0
         self.swaps_out = self.swaps_in = 0
+        self.watch = watch
+        # under pressure, first: callables that free memory and say what they did (None: nothing left)
+        self.reliefs: list[Callable[[], str | None]] = []
+        self.accepting = True
+        self.events: list[str] = []
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None, max_tokens: int = 256,
@@ -95,6 +108,8 @@ class Scheduler:
                cancel: threading.Event | None = None) -> Request:
         if not prompt:
             raise EdgeLLMError("empty prompt")
+        if not self.accepting:
+            raise EdgeLLMError("memory is low: no new sessions until some frees (the running ones go on)")
         if len(prompt) >= self.cells:
             raise EdgeLLMError(f"the prompt is {len(prompt)} tokens but a slot holds {self.cells}; "
                                "use a larger --ctx or fewer slots")
@@ -154,21 +169,20 @@ class Scheduler:
         """Save the slot's KV sequence to disk (when it belongs to a session) and empty it."""
         if slot.tokens and slot.session is not None and self.swap_dir is not None:
             path = self.swap_dir / f"{kvfile.safe_name(slot.session)}.kv"
-            kvfile.save(self.engine, slot.seq_id, slot.tokens, path)
+            kvfile.save(self.engine, slot.kv.seq_id, slot.tokens, path)
             self.swapped[slot.session] = path
             self.swaps_out += 1
-        C.llama_memory_seq_rm(self.engine.memory, slot.seq_id, -1, -1)
-        slot.tokens, slot.session = [], None
+        slot.kv.clear()
+        slot.session = None
 
     def _swap_in(self, session: str, slot: Slot) -> None:
         path = self.swapped.pop(session)
         try:
-            slot.tokens = kvfile.load(self.engine, slot.seq_id, path, self.cells)
+            slot.kv.tokens = kvfile.load(self.engine, slot.kv.seq_id, path, self.cells)
             slot.session = session
             self.swaps_in += 1
         except EdgeLLMError:
-            C.llama_memory_seq_rm(self.engine.memory, slot.seq_id, -1, -1)
-            slot.tokens = []  # the session's prompt is prefilled again
+            slot.kv.clear()  # the session's prompt is prefilled again
         finally:
             kvfile.remove(path)
 
@@ -176,7 +190,7 @@ class Scheduler:
         request._t0 = time.perf_counter()
         keep = min(_common(slot.tokens, request.prompt), len(request.prompt) - 1)
         try:
-            self._trim(slot, keep)
+            slot.kv.trim(keep)
         except CacheTrimError:
             keep = 0
         slot.busy, slot.session, slot.last_used = True, request.session, time.monotonic()
@@ -187,26 +201,17 @@ class Scheduler:
         request._text = TextStream(request.stop)
         self.active.append(request)
 
-    def _trim(self, slot: Slot, n: int) -> None:
-        if n >= len(slot.tokens):
-            return
-        memory = self.engine.memory
-        ok = bool(C.llama_memory_seq_rm(memory, slot.seq_id, n, -1))
-        if not ok or (n and C.llama_memory_seq_pos_max(memory, slot.seq_id) != n - 1):
-            C.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
-            slot.tokens = []
-            raise CacheTrimError("the KV sequence could not drop its tail and was emptied")
-        del slot.tokens[n:]
-
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> bool:
         """Decode one batch: the next token of every decoding request, then prompt chunks. False when
         there is nothing to do."""
+        if self.watch is not None:
+            self._relieve()
         self._admit()
         if not self.active:
             return False
-        b = self._batch
-        n = 0
+        batch = self._batch
+        batch.clear()
         rows: list[tuple[Request, int]] = []  # requests that sample from this step, and their row
         added: list[tuple[Slot, list[int]]] = []
         capacity = self.engine.n_batch
@@ -214,29 +219,22 @@ class Scheduler:
             if r._next is not None:
                 slot = r.slot
                 assert slot is not None
-                self._put(b, n, r._next, len(slot.tokens), slot.seq_id, True)
-                rows.append((r, n))
+                rows.append((r, batch.add(r._next, len(slot.tokens), (slot.kv.seq_id,), True)))
                 added.append((slot, [r._next]))
                 r._next = None
-                n += 1
         for r in self.active:
-            if r._todo and n < capacity:
+            if r._todo and batch.n < capacity:
                 slot = r.slot
                 assert slot is not None
-                chunk = r._todo[:capacity - n]
+                chunk = r._todo[:capacity - batch.n]
                 del r._todo[:len(chunk)]
                 for i, token in enumerate(chunk):
                     last = not r._todo and i == len(chunk) - 1
-                    self._put(b, n, token, len(slot.tokens) + i, slot.seq_id, last)
+                    row = batch.add(token, len(slot.tokens) + i, (slot.kv.seq_id,), last)
                     if last:
-                        rows.append((r, n))
-                    n += 1
+                        rows.append((r, row))
                 added.append((slot, chunk))
-        b.n_tokens = n
-        rc = C.llama_decode(self.engine.ctx, b)
-        if rc != 0:
-            raise EdgeLLMError(f"llama_decode failed with code {rc} "
-                               f"({'KV cache full' if rc == 1 else 'compute error'})")
+        batch.decode(self.engine.ctx)
         self.steps += 1
         for slot, tokens in added:
             slot.tokens.extend(tokens)
@@ -245,13 +243,28 @@ class Scheduler:
         self.active = [r for r in self.active if not r.done]
         return True
 
-    @staticmethod
-    def _put(b: C.llama_batch, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq_id
-        b.logits[i] = logits
+    def _relieve(self) -> None:
+        """One stage of giving way per low reading; back to accepting sessions once memory is back."""
+        assert self.watch is not None
+        if not self.watch.low():
+            self.accepting = True
+            return
+        what = None
+        while self.reliefs and what is None:
+            what = self.reliefs.pop(0)()
+        if what is None:
+            idle = [s for s in self.slots if not s.busy and s.tokens]
+            if idle:
+                for slot in idle:
+                    self._swap_out(slot)
+                what = f"{len(idle)} idle conversation(s) moved out of memory"
+        if what is None and self.accepting:
+            self.accepting = False
+            what = "new sessions refused until memory frees"
+        if what:
+            self.events.append(what)
+            for r in self.active:
+                r.records.append(Record("", None, r.stats, event=f"memory low: {what}"))
 
     def _sample(self, r: Request, row: int) -> None:
         assert r._sampler is not None and r._text is not None and r.slot is not None
@@ -266,15 +279,7 @@ class Scheduler:
             return
         r.stats.generated_tokens += 1
         piece = r._text.push(self.engine.token_bytes(token))
-        finish = None
-        if r._text.stopped:
-            finish = r._text.reason
-        elif r.stats.generated_tokens >= r.max_tokens:
-            finish = "length"
-        elif r.cancel is not None and r.cancel.is_set():
-            finish = "cancelled"
-        elif len(r.slot.tokens) + 1 >= self.cells:
-            finish = "context"
+        finish = finish_after(r.stats, r._text, r.max_tokens, r.cancel, len(r.slot.tokens), self.cells)
         if finish:
             self._finish(r, Record(piece + r._text.flush(), token, r.stats, finish_reason=finish))
             return
@@ -291,9 +296,7 @@ class Scheduler:
         slot.busy, slot.last_used = False, time.monotonic()
 
     def close(self) -> None:
-        if self._batch is not None:
-            C.llama_batch_free(self._batch)
-            self._batch = None
+        self._batch.free()
         for path in self.swapped.values():
             kvfile.remove(path)
         self.swapped.clear()

@@ -16,9 +16,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from ..engine import Engine, Record, Stats
 from ..errors import EdgeLLMError
-from ..sampling import SamplingParams, probabilities
+from ..runtime.engine import Engine, Record, Stats, finish_after
+from ..runtime.sampling import SamplingParams, probabilities
 from ..textstream import TextStream
 from . import tree
 from .drafters import Drafter
@@ -28,23 +28,31 @@ TREE_BRANCH = 4  # tokens in each alternative branch of a token tree
 
 
 class _Picker:
-    """The target's choice at one output row, greedy or by rejection sampling against a draft token."""
+    """The target's choice at one output row, greedy or by rejection sampling against a draft token.
+
+    `history` is the text before the row (context, then the draft up to it): the repeat penalty reads it.
+    """
 
     def __init__(self, engine: Engine, sampling: SamplingParams) -> None:
         self.engine, self.sampling = engine, sampling
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
         self.rng = np.random.default_rng(seed)
 
-    def pick(self, row: int) -> int:
+    def _logits(self, row: int, history: Sequence[int]) -> np.ndarray:
         logits = self.engine.logits(row)
+        s = self.sampling
+        return logits if s.repeat_penalty == 1.0 else penalize(logits, history[-s.repeat_last_n:], s.repeat_penalty)
+
+    def pick(self, row: int, history: Sequence[int] = ()) -> int:
+        logits = self._logits(row, history)
         if self.sampling.greedy:
             return int(logits.argmax())
         p = probabilities(logits, self.sampling)
         return int(self.rng.choice(p.shape[0], p=p))
 
-    def verify(self, row: int, draft: int) -> tuple[bool, int]:
+    def verify(self, row: int, draft: int, history: Sequence[int] = ()) -> tuple[bool, int]:
         """(kept, token): keep the drafted token, or the token the target puts in its place."""
-        logits = self.engine.logits(row)
+        logits = self._logits(row, history)
         if self.sampling.greedy:
             best = int(logits.argmax())
             return best == draft, best
@@ -58,14 +66,25 @@ class _Picker:
         return False, int(self.rng.choice(p.shape[0], p=p / total))
 
 
+def penalize(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    """llama.cpp's repeat penalty (llama_sampler_init_penalties, no frequency or presence term): every
+    token seen in the window has its logit divided by the penalty when positive, multiplied when not."""
+    out = logits.copy()
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    if ids.size:
+        v = out[ids]
+        out[ids] = np.where(v <= 0, v * np.float32(penalty), v / np.float32(penalty))
+    return out
+
+
 def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Policy,
              sampling: SamplingParams, max_tokens: int, stop: Sequence[str] = (),
              cancel: threading.Event | None = None, ignore_eog: bool = False,
              tree_width: int = 1) -> Iterator[Record]:
     """Stream records like Engine.generate; `tree_width` > 1 verifies token trees (greedy only)."""
     prompt = list(prompt)
-    if sampling.repeat_penalty != 1.0:
-        raise EdgeLLMError("speculative decoding does not support --repeat-penalty; use --draft off")
+    if sampling.repeat_penalty != 1.0 and tree_width > 1:
+        raise EdgeLLMError("--draft tree does not support --repeat-penalty; use --draft edit or auto")
     stats = Stats(prompt_tokens=len(prompt))
     t0 = time.perf_counter()
     stats.prefilled_tokens = engine.prefill(prompt)
@@ -75,7 +94,8 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
     picker = _Picker(engine, sampling)
     text = TextStream(stop)
     tokens = list(prompt)  # the context: the KV cache holds all of it (the pending token is not in it)
-    pending = picker.pick(-1)
+    last_n = sampling.repeat_last_n if sampling.repeat_penalty != 1.0 else 0  # the penalty's window
+    pending = picker.pick(-1, tokens[-last_n:] if last_n else ())
     t_first = time.perf_counter()
     in_run: dict[str, bool] = {}  # per source: was its last draft accepted whole?
     # Each source's latest proposal is scored against the text that follows, verified or not, as if
@@ -97,14 +117,7 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
         stats.generated_tokens += 1
         stats.accepted_tokens += from_draft
         piece = text.push(engine.token_bytes(token))
-        if text.stopped:
-            finish = text.reason
-        elif stats.generated_tokens >= max_tokens:
-            finish = "length"
-        elif cancel is not None and cancel.is_set():
-            finish = "cancelled"
-        elif len(tokens) + 1 >= engine.n_ctx:
-            finish = "context"
+        finish = finish_after(stats, text, max_tokens, cancel, len(tokens), engine.n_ctx)
         stats.decode_s = time.perf_counter() - t_first
         stats.plain_estimate_s = (stats.generated_tokens - 1) * policy.curve.t1
         if finish:
@@ -162,12 +175,12 @@ def generate(engine: Engine, prompt: Sequence[int], drafter: Drafter, policy: Po
             engine.decode([pending, *draft], all_logits=bool(draft))
             path = []
             for i, token in enumerate(draft):
-                kept, pending = picker.verify(i, token)
+                kept, pending = picker.verify(i, token, [*tokens[-last_n:], *path] if last_n else ())
                 if not kept:
                     break
                 path.append(token)
             else:
-                pending = picker.pick(len(draft) if draft else -1)
+                pending = picker.pick(len(draft) if draft else -1, [*tokens[-last_n:], *path] if last_n else ())
             n_drafted = len(draft)
         policy.curve.observe(n_drafted + 1, time.perf_counter() - t_batch)
         if draft:

@@ -6,13 +6,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ..engine import Engine, LoadOptions, Record
 from ..errors import EdgeLLMError
-from ..memory.plan import SPECULATIVE_OUTPUTS
 from ..models import find_draft, resolve
-from ..sampling import SamplingParams
+from ..runtime.engine import Engine, LoadOptions, Record
+from ..runtime.sampling import SamplingParams
 from . import decode
-from .costs import load_or_measure
+from .costs import keep_refined, load_or_prior
 from .drafters import Combined, Drafter, DraftModel, EditAwareLookup, PromptLookup, check_vocab_compatible
 from .policy import Policy
 
@@ -26,6 +25,7 @@ class Speculator:
     policy: Policy
     draft_engine: Engine | None = None
     tree_width: int = 1  # > 1: verify token trees of this many branches (greedy)
+    target: Engine | None = None  # whose cost curve the policy refines (kept on close)
 
     def generate(self, engine: Engine, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int,
                  stop: Sequence[str], cancel: threading.Event | None, ignore_eog: bool) -> Iterator[Record]:
@@ -34,16 +34,31 @@ class Speculator:
         return decode.generate(engine, prompt, self.drafter, self.policy, sampling, max_tokens, stop, cancel,
                                ignore_eog, self.tree_width)
 
+    def drop_draft(self) -> str | None:
+        """Unload the draft model and go on with the free lookup drafts (memory pressure); None when
+        there is no draft model to drop."""
+        if self.draft_engine is None:
+            return None
+        name = self.draft_engine.info.name
+        self.drafter = next(p for p in getattr(self.drafter, "parts", ()) if not p.costly)
+        self.draft_engine.close()
+        self.draft_engine = None
+        return f"draft model {name} unloaded"
+
     def close(self) -> None:
+        if self.target is not None:
+            keep_refined(self.target, self.policy.curve)
         if self.draft_engine is not None:
             self.draft_engine.close()
 
 
 def _draft_engine(target: Engine, spec: str, gpu_layers: int | None) -> Engine:
-    # as the memory plan sized it (memory.plan.Plan.draft_options): verification-sized outputs for its curve
+    # as the memory plan sizes it: the draft decodes one token at a time, one logits row
     layers = target.options.n_gpu_layers if gpu_layers is None else gpu_layers
-    draft = Engine(resolve(spec), LoadOptions(n_ctx=target.n_ctx, n_threads=target.n_threads,
-                                              n_gpu_layers=layers, n_outputs=SPECULATIVE_OUTPUTS))
+    o = target.options
+    n_ctx = target.n_ctx if o.kv_unified else target.n_ctx // o.n_seq_max  # one session's context
+    draft = Engine(resolve(spec), LoadOptions(n_ctx=n_ctx, n_threads=target.n_threads,
+                                              n_gpu_layers=layers, n_outputs=1))
     try:
         check_vocab_compatible(target, draft)
     except EdgeLLMError:
@@ -67,8 +82,8 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32,
         if target.options.n_seq_max < TREE_WIDTH + 1 or not target.options.kv_unified:
             raise EdgeLLMError("--draft tree needs the target loaded with n_seq_max >= "
                                f"{TREE_WIDTH + 1} and a unified KV cache")
-        policy = Policy(load_or_measure(target), max_draft=max_draft)
-        return Speculator(EditAwareLookup(), policy, tree_width=TREE_WIDTH)
+        policy = Policy(load_or_prior(target), max_draft=max_draft)
+        return Speculator(EditAwareLookup(), policy, tree_width=TREE_WIDTH, target=target)
     elif spec == "auto":
         drafter = EditAwareLookup()
         found = find_draft(target.info)  # a local model with the target's vocabulary, half its size or less
@@ -78,14 +93,15 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32,
     else:
         draft_engine = _draft_engine(target, spec, draft_gpu_layers)
         drafter = Combined(EditAwareLookup(), DraftModel(draft_engine))
-    policy = Policy(load_or_measure(target), max_draft=max_draft)
+    policy = Policy(load_or_prior(target), max_draft=max_draft)
     if draft_engine is not None:
         note_draft_cost(policy, draft_engine)
-    return Speculator(drafter, policy, draft_engine)
+    return Speculator(drafter, policy, draft_engine, target=target)
 
 
 def note_draft_cost(policy: Policy, draft_engine: Engine, name: str = DraftModel.name) -> None:
-    """The draft model's cost per token relative to the target's, from both measured cost curves."""
-    seconds = load_or_measure(draft_engine).t1
+    """The draft model's cost per token relative to the target's, from both cost curves (refined from
+    the draft's real timings while decoding)."""
+    seconds = load_or_prior(draft_engine).t1
     for state in ("new", "run"):
         policy.observe_draft_cost(f"{name}:{state}", seconds)

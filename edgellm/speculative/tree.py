@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import llama_cpp as C
-
-from ..engine import Engine
+from ..runtime.engine import Engine
 
 
 @dataclass
@@ -42,10 +40,9 @@ def build(candidates: Sequence[Sequence[int]]) -> list[Node]:
 
 def verify(engine: Engine, pending: int, nodes: list[Node], n_branches: int) -> tuple[list[int], int]:
     """Decode the tree after `pending`; return (accepted tokens, the target's next token). Greedy."""
-    mem = engine.memory
     start = len(engine.kv_tokens)  # position of the pending token
     for branch in range(1, n_branches + 1):
-        C.llama_memory_seq_cp(mem, 0, branch, -1, -1)  # the context, visible to every branch
+        engine.seq.share_cells(branch)  # the context, visible to every branch
     tokens = [pending] + [n.token for n in nodes]
     positions = [start] + [start + n.depth for n in nodes]
     seq_ids = [list(range(n_branches + 1))] + [sorted(n.branches) for n in nodes]
@@ -63,8 +60,8 @@ def verify(engine: Engine, pending: int, nodes: list[Node], n_branches: int) -> 
 
     keep = min(nodes[node].branches) if node >= 0 else None
     if keep is not None:  # tag the accepted path's cells with sequence 0
-        C.llama_memory_seq_cp(mem, keep, 0, start + 1, start + 1 + len(accepted))
+        engine.sequence(keep).share_cells(0, start + 1, start + 1 + len(accepted))
     for branch in range(1, n_branches + 1):
-        C.llama_memory_seq_rm(mem, branch, -1, -1)
+        engine.sequence(branch).clear()
     engine.kv_tokens.extend([pending, *accepted])
     return accepted, best

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import llama_cpp as C
 
-from ..engine import Engine
 from ..errors import EdgeLLMError
+from .engine import Engine
 
 
 def safe_name(session: str) -> str:

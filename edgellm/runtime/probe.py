@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import llama_cpp as C
 from gguf import GGMLQuantizationType
 
-from .. import llama_runtime
 from ..errors import EdgeLLMError, InvalidModel
 from ..gguf_info import ModelInfo
+from . import backend
 
 MIB = 1 << 20
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
@@ -93,7 +93,7 @@ def parse(log: str, weights_bytes: int, seconds: float) -> Probe:
 def dry_run(info: ModelInfo, shape: ContextShape) -> Probe:
     """What loading `info` with this context would allocate, by llama.cpp's own accounting."""
     t0 = time.perf_counter()
-    with llama_runtime.capture() as lines:
+    with backend.capture() as lines:
         mparams = C.llama_model_default_params()
         mparams.n_gpu_layers = 0
         mparams.no_alloc = True
@@ -109,7 +109,7 @@ def dry_run(info: ModelInfo, shape: ContextShape) -> Probe:
             ctx = C.llama_init_from_model(model, cparams)
             if not ctx:
                 raise EdgeLLMError(f"llama.cpp refused a context of {shape.n_ctx} tokens for {info.path.name}: "
-                                   f"{llama_runtime.last_error or 'unknown reason'}")
+                                   f"{backend.last_error or 'unknown reason'}")
             C.llama_free(ctx)
         finally:
             C.llama_model_free(model)

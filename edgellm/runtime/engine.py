@@ -8,7 +8,6 @@ one (the next turn of a chat) prefills only the tokens that are new.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 import time
@@ -21,12 +20,13 @@ import llama_cpp as C
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import chat_template, llama_runtime
-from .errors import CacheTrimError, EdgeLLMError, InvalidModel
-from .gguf_info import ModelInfo, read_info
-from .memory.probe import KV_TYPES, ContextShape
+from ..errors import CacheTrimError, EdgeLLMError
+from ..gguf_info import read_info
+from ..textstream import TextStream
+from .context import KVSequence
+from .model import Model
+from .probe import KV_TYPES, ContextShape
 from .sampling import Sampler, SamplingParams, logits_row
-from .textstream import TextStream
 
 DEFAULT_CTX = 4096
 
@@ -120,6 +120,7 @@ class Record:
     from_draft: bool = False
     # set on the last record: "eog" | "stop" | "repetition" | "length" | "context" | "cancelled"
     finish_reason: str | None = None
+    event: str | None = None  # a notice for the user beside the text (memory pressure): stderr, status line
 
     @property
     def finish_words(self) -> str:
@@ -132,6 +133,22 @@ class Speculating(Protocol):
 
     def generate(self, engine: Engine, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int,
                  stop: Sequence[str], cancel: threading.Event | None, ignore_eog: bool) -> Iterator[Record]: ...
+
+
+def finish_after(stats: Stats, text: TextStream, max_tokens: int, cancel: threading.Event | None,
+                 used: int, n_ctx: int) -> str | None:
+    """The one finish rule of every generator (plain, speculative, scheduled), after a token is emitted:
+    why the reply ends here, or None. `used`: positions the sequence holds, so the next token would take
+    position `used`; the context is full when that is past its end."""
+    if text.stopped:
+        return text.reason
+    if stats.generated_tokens >= max_tokens:
+        return "length"
+    if cancel is not None and cancel.is_set():
+        return "cancelled"
+    if used >= n_ctx:
+        return "context"
+    return None
 
 
 # why a reply ended, in words for a status line
@@ -178,30 +195,31 @@ def context_shape(options: LoadOptions, n_ctx: int) -> ContextShape:
 
 
 class Engine:
-    def __init__(self, path: str | Path, options: LoadOptions | None = None) -> None:
+    """A context on a model: sequence 0 for generate(), more sequence slots for the scheduler.
+
+    Give a path to load the model with it (the engine then owns it), or a loaded `Model` to share it
+    with other engines (the caller closes it after them).
+    """
+
+    def __init__(self, path: str | Path | Model, options: LoadOptions | None = None) -> None:
         self.options = options = options or LoadOptions()
-        self.info: ModelInfo = read_info(path)  # validate before handing the file to C
-        self.path = self.info.path
-        n_ctx_train = self.info.n_ctx_train or DEFAULT_CTX
+        info = path.info if isinstance(path, Model) else read_info(path)  # validate before handing it to C
+        n_ctx_train = info.n_ctx_train or DEFAULT_CTX
         n_ctx = options.n_ctx or min(n_ctx_train, DEFAULT_CTX)
-        if n_ctx > n_ctx_train:
-            raise EdgeLLMError(f"context {n_ctx} is larger than the model's training context "
+        per_sequence = n_ctx if options.kv_unified else n_ctx // options.n_seq_max  # llama.cpp splits n_ctx
+        if per_sequence > n_ctx_train:
+            raise EdgeLLMError(f"context {per_sequence} is larger than the model's training context "
                                f"({n_ctx_train}); use --ctx {n_ctx_train} or less")
         for name in (options.type_k, options.type_v):
             if name not in KV_TYPES:
                 raise EdgeLLMError(f"unknown KV cache type {name!r}; use one of {', '.join(KV_TYPES)}")
         self.n_threads = options.n_threads or default_threads()
         self._lock = threading.Lock()
+        self._owns_model = not isinstance(path, Model)
+        self.weights = path if isinstance(path, Model) else Model(info, options.n_gpu_layers, options.use_mmap)
+        self.info, self.path = info, info.path
+        self.vocab, self.n_vocab = self.weights.vocab, self.weights.n_vocab
 
-        llama_runtime.init()
-        mparams = C.llama_model_default_params()
-        mparams.n_gpu_layers = options.n_gpu_layers
-        mparams.load_mode = C.LLAMA_LOAD_MODE_MMAP if options.use_mmap else C.LLAMA_LOAD_MODE_NONE
-        self.model = C.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self.model:
-            why = llama_runtime.last_error.split(": ", 1)[-1] or "unsupported or corrupt"
-            raise InvalidModel(f"llama.cpp could not load {self.path} (architecture {self.info.arch!r}): "
-                               f"{why}")
         cparams = C.llama_context_default_params()
         context_shape(options, n_ctx).apply(cparams)
         cparams.type_k = GGMLQuantizationType[options.type_k.upper()].value
@@ -209,119 +227,82 @@ class Engine:
         if options.eval_callback is not None:
             cparams.cb_eval = options.eval_callback
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
-        self.ctx = C.llama_init_from_model(self.model, cparams)
+        self.ctx = C.llama_init_from_model(self.weights.ptr, cparams)
         if not self.ctx:
-            C.llama_model_free(self.model)
-            self.model = None
+            if self._owns_model:
+                self.weights.close()
             raise EdgeLLMError(f"could not create a context of {n_ctx} tokens for {self.path.name} "
                                "(out of memory?); try a smaller --ctx or a quantized KV cache")
         self.n_ctx = C.llama_n_ctx(self.ctx)
         self.n_batch = C.llama_n_batch(self.ctx)
         self.n_outputs = max(options.n_outputs, options.n_seq_max) if options.n_outputs else self.n_batch
-        self.vocab = C.llama_model_get_vocab(self.model)
-        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.memory = C.llama_get_memory(self.ctx)
-        self.kv_tokens: list[int] = []  # what sequence 0 of the KV cache holds, position by position
+        self.seq = KVSequence(self.ctx, 0)  # sequence 0: what generate() and prefill() work on
         self._batch = _Batch(self.n_batch, options.n_seq_max)
-        self._piece = ctypes.create_string_buffer(256)
-        self._token_bytes: dict[int, bytes] = {}
 
     @classmethod
     def load(cls, spec: str | None = None, **options) -> Engine:
-        from .models import resolve
+        from ..models import resolve
 
         return cls(resolve(spec), LoadOptions(**options))
 
-    # -- tokens and text --------------------------------------------------------------------------
+    # -- tokens and text: the model's ------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (C.llama_token * n_max)()
-        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            buf = (C.llama_token * -n)()
-            n = C.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
-        return list(buf[:n])
+        return self.weights.tokenize(text, add_special, parse_special)
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
-        cached = self._token_bytes.get(token) if not special else None
-        if cached is not None:
-            return cached
-        n = C.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
-        if n < 0:  # a piece longer than the buffer
-            self._piece = ctypes.create_string_buffer(-n)
-            n = C.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
-        out = self._piece.raw[:n]
-        if not special:
-            self._token_bytes[token] = out
-        return out
+        return self.weights.token_bytes(token, special)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
-        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", errors="replace")
+        return self.weights.detokenize(tokens, special)
+
+    def is_eog(self, token: int) -> bool:
+        return self.weights.is_eog(token)
+
+    def special_text(self, token: int) -> str:
+        return self.weights.special_text(token)
+
+    @property
+    def add_bos(self) -> bool:
+        return self.weights.add_bos
+
+    @property
+    def is_chat_model(self) -> bool:
+        return self.weights.is_chat_model
+
+    def turn_stops(self) -> list[str]:
+        return self.weights.turn_stops()
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.weights.render_chat(messages, add_generation_prompt)
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.weights.chat_tokens(messages)
 
     def logits(self, index: int = -1) -> np.ndarray:
         """Output row `index` of the last decoded batch (-1: the last), as a numpy view."""
         return logits_row(self.ctx, self.n_vocab, index)
 
-    def is_eog(self, token: int) -> bool:
-        return bool(C.llama_vocab_is_eog(self.vocab, token))
-
-    def special_text(self, token: int) -> str:
-        return "" if token < 0 else self.token_bytes(token, special=True).decode("utf-8", "replace")
-
-    @property
-    def add_bos(self) -> bool:
-        return bool(C.llama_vocab_get_add_bos(self.vocab))
-
-    @property
-    def is_chat_model(self) -> bool:
-        """A GGUF without a chat template is a base (completion) model."""
-        return bool(self.info.chat_template)
-
-    def turn_stops(self) -> list[str]:
-        """Text that ends a turn when a model writes it as plain text instead of a special token: the
-        markers of the ChatML fallback for a model with no template, the end-of-turn tokens' text otherwise."""
-        if not self.is_chat_model:
-            return ["<|im_start|>", "<|im_end|>"]
-        texts = {self.special_text(C.llama_vocab_eos(self.vocab)), self.special_text(C.llama_vocab_eot(self.vocab))}
-        return sorted(t for t in texts if t.strip())
-
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return chat_template.render(
-            self.info.chat_template, messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.special_text(C.llama_vocab_bos(self.vocab)),
-            eos_token=self.special_text(C.llama_vocab_eos(self.vocab)))
-
-    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.render_chat(messages)
-        bos = self.special_text(C.llama_vocab_bos(self.vocab))
-        # Templates that write the BOS text themselves must not get a second one from the tokenizer.
-        add_special = not (bos and text.startswith(bos))
-        return self.tokenize(text, add_special=add_special, parse_special=True)
-
     # -- the KV cache -----------------------------------------------------------------------------
     def reset(self) -> None:
         C.llama_memory_clear(self.memory, True)
-        self.kv_tokens = []
+        self.seq.tokens = []
+
+    @property
+    def kv_tokens(self) -> list[int]:
+        """What sequence 0 of the KV cache holds, position by position."""
+        return self.seq.tokens
+
+    def sequence(self, seq_id: int) -> KVSequence:
+        """Another sequence of this context (its tokens are the caller's to keep)."""
+        if not 0 <= seq_id < self.options.n_seq_max:
+            raise EdgeLLMError(f"sequence {seq_id} outside this context's {self.options.n_seq_max}")
+        return KVSequence(self.ctx, seq_id)
 
     def truncate(self, n: int) -> None:
-        """Keep the first n positions of sequence 0; drop the rest.
-
-        Some memories cannot drop a tail: a recurrent state, or sliding-window layers whose window has
-        moved past n (llama.cpp then wipes the whole sequence and still reports success, so the positions
-        left are checked). The cache is then emptied, `kv_tokens` says so, and CacheTrimError tells the
-        caller to decode again what it needs: a cache is never believed to hold what it does not.
-        """
-        if n >= len(self.kv_tokens):
-            return
-        dropped = bool(C.llama_memory_seq_rm(self.memory, 0, n, -1))
-        if dropped and C.llama_memory_seq_pos_max(self.memory, 0) != n - 1:
-            dropped = False
-        if not dropped:
-            cut = len(self.kv_tokens) - n
-            self.reset()
-            raise CacheTrimError(f"the KV cache could not drop its last {cut} positions and was emptied")
-        del self.kv_tokens[n:]
+        """Keep the first n positions of sequence 0; drop the rest (KVSequence.trim: CacheTrimError when
+        llama.cpp cannot, after emptying it)."""
+        self.seq.trim(n)
 
     def decode(self, tokens: Sequence[int], all_logits: bool = False) -> None:
         """Append tokens to sequence 0 in batches of n_batch; logits for the last (or every) token."""
@@ -427,17 +408,10 @@ class Engine:
                     break
                 stats.generated_tokens += 1
                 piece = text.push(self.token_bytes(token))
-                last = text.stopped or i == max_tokens - 1
-                if not last:
-                    if cancel is not None and cancel.is_set():
-                        finish, last = "cancelled", True
-                    elif len(self.kv_tokens) >= self.n_ctx:
-                        finish, last = "context", True
-                if text.stopped:
-                    finish = text.reason
-                if last:
+                end = finish_after(stats, text, max_tokens, cancel, len(self.kv_tokens), self.n_ctx)
+                if end:
                     stats.decode_s = time.perf_counter() - t_first
-                    yield Record(piece + text.flush(), token, stats, finish_reason=finish)
+                    yield Record(piece + text.flush(), token, stats, finish_reason=end)
                     return
                 b.token[0] = token
                 b.pos[0] = len(self.kv_tokens)
@@ -463,9 +437,9 @@ class Engine:
         if getattr(self, "ctx", None):
             C.llama_free(self.ctx)
             self.ctx = None
-        if getattr(self, "model", None):
-            C.llama_model_free(self.model)
-            self.model = None
+        if getattr(self, "_owns_model", False) and getattr(self, "weights", None) is not None:
+            self.weights.close()
+            self.weights = None
 
     def __enter__(self) -> Engine:
         return self
