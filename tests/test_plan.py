@@ -143,3 +143,10 @@ def test_a_batch_wider_than_the_context_was_made_for_is_refused(smollm2):
         e.reset()
         e.decode(e.tokenize("one two three"))  # last-row logits only: fine
         assert e.logits().shape == (e.n_vocab,)
+
+
+def test_models_lists_what_a_chat_on_each_needs_from_the_header(cli, smollm2):
+    listed = json.loads(cli("models", "--json").stdout)
+    smol = next(m for m in listed if m["name"] == "smollm2-135m" and m.get("needs_bytes"))
+    plan = make_plan(smollm2, PlanRequest(speculative=True))
+    assert smol["needs_bytes"] == pytest.approx(plan.peak_bytes - plan.base_bytes, rel=0.1)

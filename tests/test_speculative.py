@@ -255,6 +255,28 @@ def test_greedy_speculation_applies_the_repeat_penalty_as_plain_decoding(engine:
         assert spec[diverge] == second and logits[first] - logits[second] < NEAR_TIE
 
 
+def test_first_use_starts_from_a_pessimistic_prior_and_keeps_what_it_learned(engine: Engine, curve: CostCurve,
+                                                                             monkeypatch, tmp_path: Path):
+    import time
+
+    from edgellm.speculative.costs import prior
+    from edgellm.speculative.setup import make_speculator
+
+    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))  # no cached curve
+    t0 = time.perf_counter()
+    speculator = make_speculator(engine, "edit")
+    assert time.perf_counter() - t0 < 1.0 and speculator is not None and speculator.policy.curve.prior
+    guess = prior(engine)
+    assert all(guess.cost(n) >= 0.9 * curve.cost(n) for n in range(2, 34))  # never cheaper than measured
+    engine.reset()
+    prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS["new"]}])
+    list(engine.generate(prompt, GREEDY, max_tokens=40, speculator=speculator))
+    speculator.close()
+    assert speculator.policy.curve.observed >= 16
+    (kept,) = tmp_path.glob("costs/*.json")
+    assert json.loads(kept.read_text())["refined_prior"] is True
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL)
@@ -316,3 +338,23 @@ def test_tree_needs_a_unified_cache(engine: Engine):
 
     with pytest.raises(EdgeLLMError, match="unified KV cache"):
         make_speculator(engine, "tree")
+
+
+def test_memory_pressure_drops_the_draft_model_mid_reply_and_loses_nothing(engine: Engine, curve: CostCurve,
+                                                                          smollm2: Path):
+    from edgellm.memory.pressure import MemoryWatch
+    from edgellm.speculative.setup import make_speculator
+
+    prompt = engine.chat_tokens([{"role": "user", "content": PROMPTS["copy"]}])
+    plain = plain_tokens(engine, prompt, 64)
+    readings = iter([1 << 40] * 10 + [0] * 1000)  # MemAvailable drops after ten tokens
+    speculator = make_speculator(engine, str(smollm2), watch=MemoryWatch(1 << 30, lambda: next(readings), 0.0))
+    assert speculator is not None and speculator.draft_engine is not None
+    engine.reset()
+    records = list(engine.generate(prompt, GREEDY, max_tokens=64, speculator=speculator))
+    events = [(i, r.event) for i, r in enumerate(records) if r.event]
+    assert len(events) == 1 and events[0][1] == f"memory low: draft model {engine.info.name} unloaded"
+    assert 5 < events[0][0] < len(records) - 1  # in the middle of the reply
+    assert speculator.draft_engine is None and records[-1].finish_reason == "length"
+    assert_same_or_near_tie(engine, prompt, plain, [r.token for r in records if r.token is not None])
+    speculator.close()

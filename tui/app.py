@@ -21,6 +21,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Footer, Header, Input
 
 from ..errors import EdgeLLMError
+from ..memory.pressure import default_watch
 from ..model_defaults import Defaults
 from ..models import BETTER_MODEL_PULL
 from ..options import Planned
@@ -95,7 +96,8 @@ class ChatApp(App[int]):
         loop = asyncio.get_running_loop()
         args = dict(self._session_args)
         draft = args.pop("draft", "off")
-        speculate = functools.partial(make_speculator, draft_gpu_layers=args.pop("draft_gpu_layers", 0))
+        speculate = functools.partial(make_speculator, draft_gpu_layers=args.pop("draft_gpu_layers", 0),
+                                      watch=default_watch())
         try:
             engine = await loop.run_in_executor(llama_thread(), self._loader)
             speculator = await loop.run_in_executor(llama_thread(), speculate, engine, draft)

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens for pp, 0 skips it (default 512; 128 per session with --parallel)")
     p.add_argument("-g", "--n-gen", type=int, default=128, help="tokens for tg (0: skip)")
     p.add_argument("-r", "--repetitions", type=int, default=5)
+    p.add_argument("--cost-curve", action="store_true",
+                   help="measure the batch-cost curve speculative decoding uses (1 to 33 tokens) and keep it "
+                        "(otherwise it starts from a pessimistic prior)")
     p.add_argument("--parallel", type=int, default=None, metavar="N",
                    help="N concurrent sessions through the scheduler: aggregate decode tokens/s")
     p.add_argument("--json", action="store_true", help="print results as JSON")
@@ -106,7 +109,27 @@ def bench_parallel(a: argparse.Namespace) -> int:
     return 0
 
 
+def bench_cost_curve(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ..speculative.costs import measure, save
+
+    options = replace(load_options(a), n_ctx=max(a.ctx or 0, 512))
+    with Engine(resolve(a.model), options) as engine:
+        curve = measure(engine)
+        save(engine, curve)
+    costs = {n: round(curve.cost(n), 2) for n in sorted(curve.seconds)}
+    if a.json:
+        print(json.dumps({"model": str(engine.path), "t1_s": curve.t1, "cost": costs}))
+    else:
+        print(f"{engine.info.name}: one token {curve.t1 * 1e3:.1f} ms; a batch of n costs "
+              + ", ".join(f"c({n})={c}" for n, c in costs.items() if n in (2, 4, 8, 16, 33)) + " (kept)")
+    return 0
+
+
 def main(a: argparse.Namespace) -> int:
+    if a.cost_curve:
+        return bench_cost_curve(a)
     if a.parallel is not None:
         return bench_parallel(a)
     if a.n_prompt is None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..gguf_info import read_info
+from ..memory.pressure import default_watch
 from ..models import BETTER_MODEL_PULL, default_model, resolve
 from ..options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
 from ..session import ChatSession
@@ -39,7 +40,7 @@ def main(a: argparse.Namespace) -> int:
         print(f"edgellm: {note}", file=sys.stderr)
     engine = planned.load()
     session = ChatSession(engine, defaults.sampling, a.max_tokens, defaults.system, tuple(a.stop),
-                          speculator=make_speculator(engine, planned.draft,
+                          speculator=make_speculator(engine, planned.draft, watch=default_watch(),
                                                      draft_gpu_layers=planned.draft_gpu_layers))
     return plain_chat(session, interactive, embedded)
 

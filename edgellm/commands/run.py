@@ -9,6 +9,7 @@ import sys
 from ..errors import EdgeLLMError
 from ..gguf_info import read_info
 from ..memory.manager import process_manager
+from ..memory.pressure import default_watch
 from ..models import default_model, is_model_spec, resolve
 from ..options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
 from ..speculative.setup import make_speculator
@@ -46,7 +47,8 @@ def main(a: argparse.Namespace) -> int:
     for note in planned.plan.notes:
         print(f"edgellm: {note}", file=sys.stderr)
     engine = planned.load()
-    speculator = make_speculator(engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers)
+    speculator = make_speculator(engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers,
+                                 watch=default_watch())
     kwargs = {"sampling": defaults.sampling, "max_tokens": a.max_tokens, "speculator": speculator}
     if a.raw:
         records = engine.generate(engine.tokenize(prompt), stop=a.stop, **kwargs)

@@ -51,10 +51,14 @@ def mem_available() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def margin(available: int) -> int:
+    """What stays free for the rest of the machine: 10% of what is available, at least 256 MiB, at most 1 GiB."""
+    return min(max(available // 10, 256 * MIB), GIB)
+
+
 def default_ram_budget() -> int:
-    """MemAvailable minus a margin for the rest of the machine: 10%, at least 256 MiB, at most 1 GiB."""
     avail = mem_available()
-    return avail - min(max(avail // 10, 256 * MIB), GIB)
+    return avail - margin(avail)
 
 
 def gpu_free_bytes() -> int:

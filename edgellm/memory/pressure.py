@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .plan import mem_available
+from .plan import margin, mem_available
 
 
 @dataclass
@@ -23,3 +23,8 @@ class MemoryWatch:
             self._next = now + self.interval_s
             self._low = self.available() < self.margin
         return self._low
+
+
+def default_watch() -> MemoryWatch:
+    """The plan's margin, taken from what is available now (memory.plan.margin)."""
+    return MemoryWatch(margin(mem_available()))

@@ -25,11 +25,12 @@ SIZES = tuple(range(1, 34))
 DEPTH = 256  # context depth at which the curve is measured
 
 
-# the prior: one token reads every weight once (about 14 GB/s on these 2-core machines, SmolLM2 and the
-# 1.5B alike), and a batch grows as measured here (4 tokens 2.3x one): pessimistic for a GPU, so a prior
-# never turns speculation on where the measured curve would not
-PRIOR_BYTES_PER_S = 14e9
-PRIOR_SLOPE = 0.43
+# The prior is pessimistic on purpose, so it never turns speculation on where the measured curve would
+# not: a token costs 3 ms plus reading every weight at 45 GB/s (SmolLM2 6.3 ms, the 1.5B 27 ms on the
+# AVX-512 EPYC), and a batch of n costs n up to 4 tokens, then half a token more per token (measured
+# there: c(2)=1.95, c(4)=3.06, c(8)=5.49, c(16)=5.97, c(33)=11.3; on the AVX2 EPYC c(2)=1.35-1.64).
+PRIOR_FIXED_S = 0.003
+PRIOR_BYTES_PER_S = 45e9
 KEEP_AFTER = 16  # verification batches observed before a refined prior is worth keeping
 
 
@@ -65,8 +66,8 @@ class CostCurve:
 
 
 def prior(engine) -> CostCurve:
-    t1 = engine.info.size_bytes / PRIOR_BYTES_PER_S
-    return CostCurve({n: t1 * (1 + PRIOR_SLOPE * (n - 1)) for n in SIZES}, prior=True)
+    t1 = PRIOR_FIXED_S + engine.info.size_bytes / PRIOR_BYTES_PER_S
+    return CostCurve({n: t1 * (n if n <= 4 else 4 + 0.5 * (n - 4)) for n in SIZES}, prior=True)
 
 
 def _cache_path(engine) -> Path:

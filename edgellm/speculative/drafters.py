@@ -256,8 +256,11 @@ class Combined:
     """Several drafters in order of preference: the free lookup draft when there is one, else the model."""
 
     def __init__(self, *parts: Drafter) -> None:
-        self.parts = parts
+        self.parts = list(parts)  # a list: a running generation sees a part dropped (memory pressure)
         self.name = "+".join(p.name for p in parts)
+
+    def drop_costly(self) -> None:
+        self.parts[:] = [p for p in self.parts if not p.costly]
 
     def start(self, prompt: Sequence[int]) -> None:
         for part in self.parts:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import EdgeLLMError
+from ..memory.pressure import MemoryWatch
 from ..models import find_draft, resolve
 from ..runtime.engine import Engine, LoadOptions, Record
 from ..runtime.sampling import SamplingParams
@@ -26,13 +27,19 @@ class Speculator:
     draft_engine: Engine | None = None
     tree_width: int = 1  # > 1: verify token trees of this many branches (greedy)
     target: Engine | None = None  # whose cost curve the policy refines (kept on close)
+    watch: MemoryWatch | None = None  # memory pressure: drop the draft model when MemAvailable runs low
 
     def generate(self, engine: Engine, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int,
                  stop: Sequence[str], cancel: threading.Event | None, ignore_eog: bool) -> Iterator[Record]:
         """The step generator Engine.generate runs when a speculator is given (the engine never imports
-        this package)."""
-        return decode.generate(engine, prompt, self.drafter, self.policy, sampling, max_tokens, stop, cancel,
-                               ignore_eog, self.tree_width)
+        this package). Under memory pressure (`watch`) the draft model is dropped between two tokens and
+        the reply goes on with lookup drafts; an event record says so."""
+        for record in decode.generate(engine, prompt, self.drafter, self.policy, sampling, max_tokens, stop,
+                                      cancel, ignore_eog, self.tree_width):
+            yield record
+            if (record.finish_reason is None and self.watch is not None and self.draft_engine is not None
+                    and self.watch.low()):
+                yield Record("", None, record.stats, event=f"memory low: {self.drop_draft()}")
 
     def drop_draft(self) -> str | None:
         """Unload the draft model and go on with the free lookup drafts (memory pressure); None when
@@ -40,7 +47,8 @@ class Speculator:
         if self.draft_engine is None:
             return None
         name = self.draft_engine.info.name
-        self.drafter = next(p for p in getattr(self.drafter, "parts", ()) if not p.costly)
+        if isinstance(self.drafter, Combined):
+            self.drafter.drop_costly()  # in place: a running generation goes on with the lookup
         self.draft_engine.close()
         self.draft_engine = None
         return f"draft model {name} unloaded"
@@ -68,7 +76,7 @@ def _draft_engine(target: Engine, spec: str, gpu_layers: int | None) -> Engine:
 
 
 def make_speculator(target: Engine, spec: str | None, max_draft: int = 32,
-                    draft_gpu_layers: int | None = None) -> Speculator | None:
+                    draft_gpu_layers: int | None = None, watch: MemoryWatch | None = None) -> Speculator | None:
     """`spec` as options.planned_load leaves it: a draft model the memory plan has room for, or lookup."""
     spec = (spec or "off").strip()
     if spec == "off":
@@ -83,7 +91,7 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32,
             raise EdgeLLMError("--draft tree needs the target loaded with n_seq_max >= "
                                f"{TREE_WIDTH + 1} and a unified KV cache")
         policy = Policy(load_or_prior(target), max_draft=max_draft)
-        return Speculator(EditAwareLookup(), policy, tree_width=TREE_WIDTH, target=target)
+        return Speculator(EditAwareLookup(), policy, tree_width=TREE_WIDTH, target=target, watch=watch)
     elif spec == "auto":
         drafter = EditAwareLookup()
         found = find_draft(target.info)  # a local model with the target's vocabulary, half its size or less
@@ -96,7 +104,7 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32,
     policy = Policy(load_or_prior(target), max_draft=max_draft)
     if draft_engine is not None:
         note_draft_cost(policy, draft_engine)
-    return Speculator(drafter, policy, draft_engine, target=target)
+    return Speculator(drafter, policy, draft_engine, target=target, watch=watch)
 
 
 def note_draft_cost(policy: Policy, draft_engine: Engine, name: str = DraftModel.name) -> None:
