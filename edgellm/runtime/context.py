@@ -93,6 +93,20 @@ class TokenBatch:
         self.n += 1
         return i
 
+    def fill(self, tokens: Sequence[int], start_pos: int, logits_last: bool = True, seq_id: int = 0,
+             all_logits: bool = False) -> None:
+        """The batch is `tokens` of one sequence from `start_pos`: logits for the last (or every) one."""
+        b, n = self.raw, len(tokens)
+        for i, token in enumerate(tokens):
+            b.token[i] = token
+            b.pos[i] = start_pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq_id
+            b.logits[i] = all_logits
+        if logits_last and n:
+            b.logits[n - 1] = True
+        self.n = b.n_tokens = n
+
     def decode(self, ctx: C.llama_context_p) -> None:
         self.raw.n_tokens = self.n
         rc = C.llama_decode(ctx, self.raw)

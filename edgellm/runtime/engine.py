@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType
 from ..errors import CacheTrimError, EdgeLLMError
 from ..gguf_info import read_info
 from ..textstream import TextStream
-from .context import KVSequence
+from .context import KVSequence, TokenBatch
 from .model import Model
 from .probe import KV_TYPES, ContextShape
 from .sampling import Sampler, SamplingParams, logits_row
@@ -156,37 +156,6 @@ FINISH_WORDS = {"eog": "end of turn", "stop": "stop string", "repetition": "stop
                 "length": "token limit", "context": "context full", "cancelled": "stopped"}
 
 
-@dataclass
-class _Batch:
-    """A reusable llama_batch for up to `capacity` tokens of sequence 0 (or given sequences)."""
-
-    capacity: int
-    n_seq_max: int = 1
-    raw: C.llama_batch = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.raw = C.llama_batch_init(self.capacity, 0, self.n_seq_max)
-
-    def fill(self, tokens: Sequence[int], start_pos: int, logits_last: bool = True,
-             seq_id: int = 0, all_logits: bool = False) -> None:
-        b = self.raw
-        n = len(tokens)
-        for i, tok in enumerate(tokens):
-            b.token[i] = tok
-            b.pos[i] = start_pos + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq_id
-            b.logits[i] = all_logits
-        if logits_last and n:
-            b.logits[n - 1] = True
-        b.n_tokens = n
-
-    def free(self) -> None:
-        if self.raw is not None:
-            C.llama_batch_free(self.raw)
-            self.raw = None
-
-
 def context_shape(options: LoadOptions, n_ctx: int) -> ContextShape:
     """The context these options make: the engine loads it, the planner dry-runs it."""
     kv_type = options.type_k if options.type_k == options.type_v else "f16"
@@ -238,7 +207,7 @@ class Engine:
         self.n_outputs = max(options.n_outputs, options.n_seq_max) if options.n_outputs else self.n_batch
         self.memory = C.llama_get_memory(self.ctx)
         self.seq = KVSequence(self.ctx, 0)  # sequence 0: what generate() and prefill() work on
-        self._batch = _Batch(self.n_batch, options.n_seq_max)
+        self._batch = TokenBatch(self.n_batch, options.n_seq_max)
 
     @classmethod
     def load(cls, spec: str | None = None, **options) -> Engine:
@@ -331,18 +300,11 @@ class Engine:
         if len(tokens) > self.n_outputs:
             raise EdgeLLMError(f"a token tree of {len(tokens)} rows, but this context was made for at most "
                                f"{self.n_outputs} (LoadOptions.n_outputs)")
-        b = self._batch.raw
-        for i, (token, pos, seqs) in enumerate(zip(tokens, positions, seq_ids, strict=True)):
-            b.token[i] = token
-            b.pos[i] = pos
-            b.n_seq_id[i] = len(seqs)
-            for j, seq in enumerate(seqs):
-                b.seq_id[i][j] = seq
-            b.logits[i] = True
-        b.n_tokens = len(tokens)
-        rc = C.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise EdgeLLMError(f"llama_decode failed with code {rc} on a token tree")
+        batch = self._batch
+        batch.clear()
+        for token, pos, seqs in zip(tokens, positions, seq_ids, strict=True):
+            batch.add(token, pos, seqs, True)
+        batch.decode(self.ctx)
 
     def prefill(self, tokens: Sequence[int]) -> int:
         """Make the KV cache hold `tokens` with logits for the last one; return how many were decoded."""
