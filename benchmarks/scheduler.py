@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support, edgellm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_tools import tool_paths
 
@@ -110,6 +110,35 @@ def resume(path: Path, n_history: int, threads: int) -> tuple[float, float]:
     return resumed, fresh
 
 
+def speculation(path: Path, n: int, threads: int, rounds: int) -> tuple[float, float, int, int]:
+    """Plain vs per-sequence lookup speculation through the scheduler on edit prompts (copy, rename):
+    (plain t/s, speculative t/s, drafted, accepted), medians of alternating rounds."""
+    from edgellm.speculative.costs import load_or_measure
+    from edgellm.speculative.policy import Policy
+    from tests.test_speculative import PROMPTS as EDITS
+
+    options = LoadOptions(n_ctx=n * 1024, n_seq_max=n, n_outputs=n * 33, n_threads=threads)
+    with Engine(path, options) as engine:
+        curve = load_or_measure(engine)
+        prompts = [engine.chat_tokens([{"role": "user", "content": EDITS[("copy", "rename")[i % 2]]}])
+                   for i in range(n)]
+        speeds: dict[bool, list[float]] = {False: [], True: []}
+        counts = (0, 0)
+        for _ in range(rounds + 1):  # the first round warms up
+            for speculate in (False, True):
+                engine.reset()
+                scheduler = Scheduler(engine, policy=Policy(curve) if speculate else None)
+                requests = [scheduler.submit(p, SamplingParams.greedy_params(), 96) for p in prompts]
+                while any(not r.records for r in requests):
+                    scheduler.step()
+                t0 = time.perf_counter()
+                scheduler.run()
+                speeds[speculate].append(sum(r.stats.generated_tokens - 1 for r in requests) / (time.perf_counter() - t0))
+                if speculate:
+                    counts = (sum(r.stats.drafted_tokens for r in requests), sum(r.stats.accepted_tokens for r in requests))
+        return statistics.median(speeds[False][1:]), statistics.median(speeds[True][1:]), *counts
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["smollm2-135m", "qwen2.5-coder-1.5b"])
@@ -118,9 +147,18 @@ def main() -> int:
     ap.add_argument("-g", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speculation", action="store_true",
+                    help="only: plain vs per-sequence lookup speculation on edit prompts, 1 and 4 sessions")
     ap.add_argument("--resume", type=int, default=2000, metavar="TOKENS",
                     help="also: a conversation of this many tokens swapped out and back (0: skip)")
     a = ap.parse_args()
+    if a.speculation:
+        for name in a.models:
+            for n in (1, 4):
+                plain, spec, drafted, accepted = speculation(resolve(name), n, a.threads, a.rounds)
+                print(f"{name:<20} {n} session(s): plain {plain:.1f} t/s, speculating {spec:.1f} t/s "
+                      f"({spec / plain:.2f}x; {accepted} of {drafted} drafted tokens kept)", flush=True)
+        return 0
     (binary,) = tool_paths("llama-batched-bench")
     print(f"{'model':<20} {'N':>3} {'edgellm':>9} {'one by one':>10} {'batched-bench':>13} {'ratio':>6} "
           f"{'curve':>8} {'of curve':>8}")

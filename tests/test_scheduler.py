@@ -158,3 +158,26 @@ def test_memory_pressure_gives_way_in_order_and_loses_no_text(engine, batched, s
     assert running.finish_reason == "length" and same_or_near_tie(want, running.text)
     scheduler.close()
     speculator.close()
+
+
+def test_sessions_speculate_in_the_batch_and_write_what_each_writes_alone(engine, smollm2, tmp_path):
+    from edgellm.speculative.costs import load_or_measure
+    from edgellm.speculative.policy import Policy
+    from tests.test_speculative import PROMPTS as SPEC_PROMPTS
+
+    prompts = [engine.chat_tokens([{"role": "user", "content": SPEC_PROMPTS[name]}]) for name in ("copy", "rename")]
+    expected = []
+    for prompt in prompts:
+        engine.reset()
+        expected.append("".join(r.text for r in engine.generate(prompt, GREEDY, max_tokens=64)))
+    options = LoadOptions(n_ctx=2 * 1024, n_seq_max=2, n_outputs=2 * 33, n_threads=2)
+    with Engine(smollm2, options) as e:
+        scheduler = Scheduler(e, tmp_path, policy=Policy(load_or_measure(engine), fixed=4))
+        requests = [scheduler.submit(p, GREEDY, 64) for p in prompts]
+        scheduler.run()
+        assert scheduler.steps < 64  # drafts accepted: fewer steps than tokens
+    for want, r in zip(expected, requests, strict=True):
+        s = r.stats
+        assert s.drafted_tokens > 0 and 0 < s.accepted_tokens <= s.drafted_tokens <= 4 * s.draft_steps
+        assert sum(rec.from_draft for rec in r.records) >= s.accepted_tokens
+        assert same_or_near_tie(want, r.text), (want, r.text)

@@ -26,6 +26,8 @@ from ..runtime import kvfile
 from ..runtime.context import KVSequence, TokenBatch
 from ..runtime.engine import Engine, Record, Stats, finish_after
 from ..runtime.sampling import Sampler, SamplingParams
+from ..speculative.batched import Lookahead
+from ..speculative.policy import Policy
 from ..textstream import TextStream
 from .pressure import MemoryWatch
 
@@ -60,6 +62,7 @@ class Request:
     _todo: list[int] = field(default_factory=list)  # prompt tokens not yet in the KV cache
     _next: int | None = None  # the last sampled token, decoded by the next step
     _sampler: Sampler | None = None
+    _spec: Lookahead | None = None  # per-sequence speculation (Scheduler.policy)
     _text: TextStream | None = None
     _t0: float = 0.0
     _t_first: float = 0.0
@@ -83,9 +86,13 @@ class Scheduler:
     or `generate` for one request's records while others run beside it.
     """
 
-    def __init__(self, engine: Engine, swap_dir: Path | None = None, watch: MemoryWatch | None = None) -> None:
+    def __init__(self, engine: Engine, swap_dir: Path | None = None, watch: MemoryWatch | None = None,
+                 policy: Policy | None = None) -> None:
+        """`policy`: speculate per sequence with lookup drafts where the batch's cost curve says it pays
+        (speculative/batched.py); the context needs logits rows for the drafts (LoadOptions.n_outputs)."""
         if engine.n_outputs < engine.options.n_seq_max:
             raise EdgeLLMError("the scheduler needs a context made for one logits row per slot")
+        self.policy = policy
         self.engine = engine
         self.slots = [Slot(engine.sequence(i)) for i in range(engine.options.n_seq_max)]
         self.cells = engine.n_ctx // len(self.slots)  # positions per slot (llama.cpp splits n_ctx)
@@ -197,7 +204,10 @@ class Scheduler:
         request.slot = slot
         request._todo = request.prompt[keep:]
         request.stats.prefilled_tokens = len(request._todo)
-        request._sampler = Sampler(request.sampling, self.engine.n_vocab, request.prompt)
+        if self.policy is not None:
+            request._spec = Lookahead(self.policy, self.engine, request.sampling, request.prompt)
+        else:
+            request._sampler = Sampler(request.sampling, self.engine.n_vocab, request.prompt)
         request._text = TextStream(request.stop)
         self.active.append(request)
 
@@ -212,16 +222,27 @@ class Scheduler:
             return False
         batch = self._batch
         batch.clear()
-        rows: list[tuple[Request, int]] = []  # requests that sample from this step, and their row
+        rows: list[tuple[Request, int, list[int]]] = []  # requests that pick from this step: row, draft
         added: list[tuple[Slot, list[int]]] = []
         capacity = self.engine.n_batch
-        for r in self.active:
-            if r._next is not None:
-                slot = r.slot
-                assert slot is not None
-                rows.append((r, batch.add(r._next, len(slot.tokens), (slot.kv.seq_id,), True)))
-                added.append((slot, [r._next]))
-                r._next = None
+        decoding = [r for r in self.active if r._next is not None]
+        logit_rows = len(decoding) + sum(1 for r in self.active if r._todo)  # one each, before drafts
+        for i, r in enumerate(decoding):
+            slot = r.slot
+            assert slot is not None and r._next is not None
+            draft: list[int] = []
+            if r._spec is not None:
+                room = min(self.cells - len(slot.tokens) - 2, r.max_tokens - r.stats.generated_tokens - 1,
+                           self.engine.n_outputs - logit_rows, capacity - batch.n - len(decoding))
+                # rows in the step without this draft: those added, this one's and the others' pending tokens
+                draft = r._spec.draft([*slot.tokens, r._next], room, batch.n + len(decoding) - i, len(decoding))
+                logit_rows += len(draft)
+            row = batch.add(r._next, len(slot.tokens), (slot.kv.seq_id,), True)
+            for i, token in enumerate(draft, start=1):
+                batch.add(token, len(slot.tokens) + i, (slot.kv.seq_id,), True)
+            rows.append((r, row, draft))
+            added.append((slot, [r._next, *draft]))
+            r._next = None
         for r in self.active:
             if r._todo and batch.n < capacity:
                 slot = r.slot
@@ -232,14 +253,18 @@ class Scheduler:
                     last = not r._todo and i == len(chunk) - 1
                     row = batch.add(token, len(slot.tokens) + i, (slot.kv.seq_id,), last)
                     if last:
-                        rows.append((r, row))
+                        rows.append((r, row, []))
                 added.append((slot, chunk))
         batch.decode(self.engine.ctx)
         self.steps += 1
         for slot, tokens in added:
             slot.tokens.extend(tokens)
-        for r, row in rows:
-            self._sample(r, row)
+        for r, row, draft in rows:
+            if r._spec is None:
+                assert r._sampler is not None
+                self._take(r, r._sampler.sample(self.engine.ctx, row))
+            else:
+                self._verify(r, row, draft)
         self.active = [r for r in self.active if not r.done]
         return True
 
@@ -266,25 +291,47 @@ class Scheduler:
             for r in self.active:
                 r.records.append(Record("", None, r.stats, event=f"memory low: {what}"))
 
-    def _sample(self, r: Request, row: int) -> None:
-        assert r._sampler is not None and r._text is not None and r.slot is not None
+    def _verify(self, r: Request, row: int, draft: list[int]) -> None:
+        """The drafted tokens the target keeps, then its own next token; rejected ones leave the KV."""
+        assert r._spec is not None and r.slot is not None
+        before = len(r.slot.tokens) - len(draft)  # the pending token and the draft were appended
+        path, token = r._spec.verify(row, draft, r.slot.tokens[:before])
+        r.slot.kv.trim(before + len(path))
+        if draft:
+            r.stats.drafted_tokens += len(draft)
+            r.stats.draft_steps += 1
+        for i, accepted in enumerate(path):
+            if not self._take(r, accepted, from_draft=True):  # finished on a drafted token
+                r.slot.kv.trim(before + i + 1)
+                r._next = None
+                r._spec.settle(r.slot.tokens, len(draft), i + 1)
+                return
+            r._next = None
+            r.stats.accepted_tokens += 1
+        r._spec.settle(r.slot.tokens, len(draft), len(path))
+        self._take(r, token)
+
+    def _take(self, r: Request, token: int, from_draft: bool = False) -> bool:
+        """Emit a token the target chose; False when the reply ended with it. A drafted token is in the
+        KV cache already; any other becomes the next step's pending token."""
+        assert r._text is not None and r.slot is not None
         now = time.perf_counter()
-        token = r._sampler.sample(self.engine.ctx, row)
         if r.stats.generated_tokens == 0 and not r.records:
             r._t_first = now
             r.stats.prefill_s = now - r._t0
         r.stats.decode_s = now - r._t_first
         if not r.ignore_eog and self.engine.is_eog(token):
             self._finish(r, Record(r._text.flush(), None, r.stats, finish_reason="eog"))
-            return
+            return False
         r.stats.generated_tokens += 1
         piece = r._text.push(self.engine.token_bytes(token))
         finish = finish_after(r.stats, r._text, r.max_tokens, r.cancel, len(r.slot.tokens), self.cells)
         if finish:
-            self._finish(r, Record(piece + r._text.flush(), token, r.stats, finish_reason=finish))
-            return
+            self._finish(r, Record(piece + r._text.flush(), token, r.stats, from_draft, finish))
+            return False
         r._next = token
-        r.records.append(Record(piece, token, r.stats))
+        r.records.append(Record(piece, token, r.stats, from_draft))
+        return True
 
     def _finish(self, r: Request, last: Record) -> None:
         r.records.append(last)

@@ -1,0 +1,90 @@
+"""Lookup speculation for one sequence among others in a batch (the scheduler's).
+
+A draft of k tokens adds k rows to the step every running session waits for, so it pays when the tokens
+the whole step yields per unit of time grow: (N + E[accepted of k]) / c(B + k) against N / c(B), with N
+sequences decoding, B rows already in the step and c the batch-cost curve. On a 2-core CPU, where a
+batch is compute-bound, that rarely holds beside other sessions and often does for a lone one copying
+text. Verification and learning are decode.py's: the same picker (greedy, or rejection sampling), the
+same per-proposal scoring against the text that follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..runtime.engine import Engine
+from ..runtime.sampling import SamplingParams
+from .decode import _Picker
+from .drafters import EditAwareLookup
+from .policy import MARGIN, Policy
+
+SOURCE = "edit:batched"
+
+
+class Lookahead:
+    count = 0
+
+    def __init__(self, policy: Policy, engine: Engine, sampling: SamplingParams, prompt: Sequence[int]) -> None:
+        self.policy = policy
+        self.picker = _Picker(engine, sampling)
+        self.last_n = sampling.repeat_last_n if sampling.repeat_penalty != 1.0 else 0
+        self.drafter = EditAwareLookup()
+        self.drafter.start(prompt)
+        self.scoring: dict[int, tuple[list[int], int]] = {}  # entry -> (proposal, where it starts)
+        self.expected = 0.0
+        Lookahead.count += 1
+        self.source = f"{SOURCE}:{Lookahead.count}"  # each sequence learns its own text's acceptance
+
+    def draft(self, tokens: Sequence[int], room: int, rows: int, decoding: int) -> list[int]:
+        """Drafted tokens to verify after the last of `tokens` (the pending one), given `rows` already in the
+        step and `decoding` sequences in it; [] to decode plainly."""
+        self._score(tokens)
+        room = min(room, self.policy.max_draft)
+        proposal = self.drafter.propose(tokens, room) if room > 0 else []
+        if not proposal:
+            return []
+        self.scoring[len(tokens)] = (proposal, len(tokens))
+        k = self._choose(len(proposal), rows, decoding)
+        self.expected = self.policy.stats(self.source).expected_accepted(k) if k else 0.0
+        return proposal[:k]
+
+    def _choose(self, available: int, rows: int, decoding: int) -> int:
+        if self.policy.fixed is not None:
+            return min(self.policy.fixed, available)
+        s, cost = self.policy.stats(self.source), self.policy.curve.cost
+        plain = decoding / cost(max(rows, 1))
+        best_k, best = 0, plain * MARGIN
+        for k in range(1, available + 1):
+            gain = (decoding + s.expected_accepted(k) * s.calibration) / cost(rows + k)
+            if gain > best:
+                best_k, best = k, gain
+        return best_k
+
+    def verify(self, row: int, draft: Sequence[int], tokens: Sequence[int]) -> tuple[list[int], int]:
+        """(accepted drafted tokens, the target's next token) from the rows of [pending, *draft]."""
+        path: list[int] = []
+        for i, token in enumerate(draft):
+            kept, choice = self.picker.verify(row + i, token, self._history(tokens, path))
+            if not kept:
+                return path, choice
+            path.append(token)
+        return path, self.picker.pick(row + len(draft), self._history(tokens, path))
+
+    def settle(self, tokens: Sequence[int], drafted: int, accepted: int) -> None:
+        if drafted and self.policy.fixed is None:
+            self.policy.settle(self.source, self.expected, min(accepted, drafted))
+        self.drafter.feedback(tokens, accepted)
+        self._score(tokens)
+
+    def _history(self, tokens: Sequence[int], path: list[int]) -> list[int]:
+        return [*tokens[-self.last_n:], *path] if self.last_n else []
+
+    def _score(self, tokens: Sequence[int]) -> None:
+        """Each proposal against the text that followed, verified or not: the policy learns while off."""
+        for entry, (proposal, start) in list(self.scoring.items()):
+            seen = tokens[start:start + len(proposal)]
+            matched = next((i for i, (a, b) in enumerate(zip(seen, proposal, strict=False)) if a != b), len(seen))
+            final = matched < len(seen) or len(seen) == len(proposal)
+            self.policy.update(self.source, len(proposal), matched, entry, final)
+            if final:
+                del self.scoring[entry]
