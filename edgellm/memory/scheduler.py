@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import CacheTrimError, EdgeLLMError
 from ..runtime import kvfile
-from ..runtime.context import KVSequence, TokenBatch
+from ..runtime.context import KVSequence, TokenBatch, common_prefix
 from ..runtime.engine import Engine, Record, Stats, finish_after
 from ..runtime.sampling import Sampler, SamplingParams
 from ..speculative.batched import Lookahead
@@ -163,9 +163,9 @@ class Scheduler:
             for s in free:
                 if s.session == request.session:
                     return s
-        shared = [s for s in free if s.session is None and _common(s.tokens, request.prompt)]
+        shared = [s for s in free if s.session is None and common_prefix(s.tokens, request.prompt)]
         if shared and request.session not in self.swapped:
-            return max(shared, key=lambda s: _common(s.tokens, request.prompt))
+            return max(shared, key=lambda s: common_prefix(s.tokens, request.prompt))
         slot = min(free, key=lambda s: (bool(s.tokens), s.last_used))
         self._swap_out(slot)
         if request.session is not None and request.session in self.swapped:
@@ -195,7 +195,7 @@ class Scheduler:
 
     def _start(self, request: Request, slot: Slot) -> None:
         request._t0 = time.perf_counter()
-        keep = min(_common(slot.tokens, request.prompt), len(request.prompt) - 1)
+        keep = min(common_prefix(slot.tokens, request.prompt), len(request.prompt) - 1)
         try:
             slot.kv.trim(keep)
         except CacheTrimError:
@@ -348,11 +348,3 @@ class Scheduler:
             kvfile.remove(path)
         self.swapped.clear()
 
-
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

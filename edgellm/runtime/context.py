@@ -10,6 +10,16 @@ import llama_cpp as C
 from ..errors import CacheTrimError, EdgeLLMError
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share (what a KV cache can keep for a new prompt)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class KVSequence:
     """One sequence of a context's KV cache and the tokens it holds, position by position."""
 

@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType
 from ..errors import CacheTrimError, EdgeLLMError
 from ..gguf_info import read_info
 from ..textstream import TextStream
-from .context import KVSequence, TokenBatch
+from .context import KVSequence, TokenBatch, common_prefix
 from .model import Model
 from .probe import KV_TYPES, ContextShape
 from .sampling import Sampler, SamplingParams, logits_row
@@ -313,12 +313,7 @@ class Engine:
         if len(tokens) >= self.n_ctx:
             raise EdgeLLMError(f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}; "
                                "use a larger --ctx or a shorter prompt")
-        common = 0
-        for a, b in zip(self.kv_tokens, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)  # the last token is decoded again for its logits
+        common = min(common_prefix(self.kv_tokens, tokens), len(tokens) - 1)  # the last is decoded again for its logits
         with contextlib.suppress(CacheTrimError):  # emptied: the whole prompt is decoded below
             self.truncate(common)
         new = tokens[len(self.kv_tokens):]
