@@ -59,12 +59,15 @@ def load_options(a: argparse.Namespace) -> LoadOptions:
                        kv_unified=tree, use_mmap=a.mmap)
 
 
+LOOKUP_DRAFTS = ("off", "ngram", "edit", "lookup", "tree")  # --draft values that load no draft model
+
+
 def draft_model_path(target: ModelInfo, spec: str) -> str | None:
     """The draft model a --draft choice loads: none for lookup drafts, a local model of the target's
     vocabulary for auto."""
     from .models import find_draft, resolve
 
-    if spec in ("off", "ngram", "edit", "lookup", "tree"):
+    if spec in LOOKUP_DRAFTS:
         return None
     if spec == "auto":
         found = find_draft(target)
@@ -109,7 +112,7 @@ def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> P
     options = plan.load_options(**extra)
     if plan.draft is not None:
         spec = str(plan.draft.info.path)
-    elif spec not in ("off", "ngram", "edit", "lookup", "tree"):
+    elif spec not in LOOKUP_DRAFTS:
         spec = "edit"  # no draft model (none found, or no room): lookup drafts cost no memory
     return Planned(info.path, request, plan, options, spec, extra)
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EdgeLLMError
 from ..gguf_info import ModelInfo, read_info
-from ..runtime.probe import KV_TYPES, ContextShape, Probe, dry_run
+from ..runtime.probe import KV_TYPES, ContextShape, KVCache, Probe, dry_run
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -117,8 +118,6 @@ def estimate(info: ModelInfo, shape: ContextShape) -> Probe:
     outputs = shape.n_outputs or n_ubatch
     compute = n_ubatch * 4 * (3 * n_ff + 4 * info.n_embd) + shape.n_ctx * 1024 + outputs * info.vocab_size * 4
     output = max(outputs, shape.n_seq) * info.vocab_size * 4
-    from ..runtime.probe import KVCache
-
     return Probe(sum(t.n_bytes for t in info.tensors), (KVCache(shape.n_ctx, info.n_layer, kv, False),),
                  compute, output, 0.0)
 
@@ -190,13 +189,12 @@ class Plan:
     def load_options(self, **extra):
         from ..runtime.engine import LoadOptions
 
-        if self.tree:
-            return LoadOptions(n_ctx=self.n_ctx, n_batch=extra.pop("n_batch", 512), n_gpu_layers=self.target.n_gpu_layers,
-                               type_k=self.kv_type, type_v=self.kv_type, n_seq_max=TREE_SEQUENCES, kv_unified=True,
-                               n_outputs=0, **extra)
-        return LoadOptions(n_ctx=self.n_ctx * self.parallel, n_batch=extra.pop("n_batch", 512),
-                           n_gpu_layers=self.target.n_gpu_layers, type_k=self.kv_type, type_v=self.kv_type,
-                           n_seq_max=self.parallel, n_outputs=self.n_outputs, **extra)
+        # token trees: one unified cache of n_ctx, a sequence per branch, every row with logits
+        n_ctx, n_seq, outputs = ((self.n_ctx, TREE_SEQUENCES, 0) if self.tree
+                                 else (self.n_ctx * self.parallel, self.parallel, self.n_outputs))
+        return LoadOptions(n_ctx=n_ctx, n_batch=extra.pop("n_batch", 512), n_gpu_layers=self.target.n_gpu_layers,
+                           type_k=self.kv_type, type_v=self.kv_type, n_seq_max=n_seq, kv_unified=self.tree,
+                           n_outputs=outputs, **extra)
 
     def as_dict(self) -> dict:
         t = self.target
@@ -246,10 +244,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _probe(info: ModelInfo, shape: ContextShape, use_dry_run: bool) -> Probe:
-    return dry_run(info, shape) if use_dry_run else estimate(info, shape)
-
-
 def _offload(side: Side, vram_left: int, wanted: int | None) -> int:
     """Put the last layers (llama.cpp offloads from the top) and then the output head on the GPU while they
     fit after the GPU's compute buffer; return the VRAM left."""
@@ -278,20 +272,20 @@ def _offload(side: Side, vram_left: int, wanted: int | None) -> int:
 
 
 def _attempt(info: ModelInfo, draft: ModelInfo | None, req: PlanRequest, n_ctx: int, parallel: int,
-             kv_type: str, ram: int, vram: int, base: int, source: str) -> Plan:
+             kv_type: str, ram: int, vram: int, base: int, source: str,
+             probe: Callable[[ModelInfo, ContextShape], Probe]) -> Plan:
     n_outputs = SPECULATIVE_OUTPUTS if (req.speculative or draft) else 1
     if req.tree:
         shape = ContextShape(n_ctx=n_ctx, n_seq=TREE_SEQUENCES, kv_type=kv_type, n_batch=req.n_batch, kv_unified=True)
     else:
         shape = ContextShape(n_ctx=n_ctx * parallel, n_seq=parallel, kv_type=kv_type, n_batch=req.n_batch,
                              n_outputs=max(n_outputs, parallel))
-    use_dry = source == "dry run"
-    target = Side(info, _probe(info, shape, use_dry))
+    target = Side(info, probe(info, shape))
     side_draft = None
     vram_left = vram
     if draft is not None:  # the draft runs every step: it goes on the GPU first
         draft_shape = ContextShape(n_ctx=n_ctx, n_batch=req.n_batch, n_outputs=1)  # it drafts for one session
-        side_draft = Side(draft, _probe(draft, draft_shape, use_dry))
+        side_draft = Side(draft, probe(draft, draft_shape))
         vram_left = _offload(side_draft, vram_left, None)
     if vram_left > 0:
         _offload(target, vram_left, req.n_gpu_layers)
@@ -323,8 +317,16 @@ def make_plan(model: ModelInfo | str | Path, req: PlanRequest | None = None) -> 
     while req.n_ctx is None and contexts[-1] // 2 >= MIN_AUTO_CTX:
         contexts.append(contexts[-1] // 2)
 
+    probes: dict[tuple[Path, ContextShape], Probe] = {}  # the ladder meets the same shapes again
+
+    def probe(model_info: ModelInfo, shape: ContextShape) -> Probe:
+        key = (model_info.path, shape)
+        if key not in probes:
+            probes[key] = dry_run(model_info, shape) if req.dry_run else estimate(model_info, shape)
+        return probes[key]
+
     def attempt(d: ModelInfo | None, c: int, p: int, k: str) -> Plan:
-        return _attempt(info, d, req, c, p, k, ram, vram, base, source)
+        return _attempt(info, d, req, c, p, k, ram, vram, base, source, probe)
 
     first = attempt(draft, n_ctx, req.parallel, kv_types[0])
     if first.fits:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import llama_cpp as C
@@ -29,12 +30,18 @@ def model_identity(engine: Engine) -> str:
     """The GGUF's header (names, shapes, types of every tensor; all metadata), its size and a sample of its
     data: two files with equal identities hold the same weights for any practical purpose."""
     info = engine.info
+    return _identity(str(info.path), info.data_offset, info.size_bytes, info.path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _identity(path: str, data_offset: int, size: int, _mtime_ns: int) -> str:
+    """Read once per file version: a header with a vocabulary is megabytes, and every swap asks."""
     h = hashlib.blake2b(digest_size=16)
-    with open(info.path, "rb") as f:
-        h.update(f.read(info.data_offset))
-        f.seek(info.data_offset + max(0, (info.size_bytes - info.data_offset) // 2))
+    with open(path, "rb") as f:
+        h.update(f.read(data_offset))
+        f.seek(data_offset + max(0, (size - data_offset) // 2))
         h.update(f.read(1 << 16))
-    h.update(str(info.size_bytes).encode())
+    h.update(str(size).encode())
     return h.hexdigest()
 
 
