@@ -181,3 +181,28 @@ def test_sessions_speculate_in_the_batch_and_write_what_each_writes_alone(engine
         assert s.drafted_tokens > 0 and 0 < s.accepted_tokens <= s.drafted_tokens <= 4 * s.draft_steps
         assert sum(rec.from_draft for rec in r.records) >= s.accepted_tokens
         assert same_or_near_tie(want, r.text), (want, r.text)
+
+
+def test_speculation_is_on_where_the_context_has_draft_rows_and_leaves_sequences_it_does_not_pay(
+        engine, batched, smollm2, tmp_path):
+    from edgellm.speculative import batched as lookups
+
+    assert Scheduler(batched, tmp_path).policy is None  # one logits row per slot: no room for drafts
+    prompt = batched.tokenize(PROMPTS[1])
+    want = alone(engine, PROMPTS[1], 48)
+    options = LoadOptions(n_ctx=2 * 1024, n_seq_max=2, n_outputs=2 * 33, n_threads=2)
+    with Engine(smollm2, options) as e:
+        scheduler = Scheduler(e, tmp_path)
+        assert scheduler.policy is not None and scheduler.policy.fixed is None
+        request = scheduler.submit(prompt, GREEDY, 48, ignore_eog=True)
+        spec = None
+        while not request.done:
+            scheduler.step()
+            spec = spec or request._spec
+            if request._spec is not None:  # the accounting that decides, kept up every step
+                assert request._spec.steps <= scheduler.steps and request._spec.bookkeeping_s > 0
+        assert spec is not None and spec.steps >= lookups.WARMUP_STEPS
+        # a poem has nothing to look up: its lookups cost more than they saved, so it decodes plainly
+        assert spec.accepted * scheduler.policy.curve.t1 < spec.bookkeeping_s
+        assert request._spec is None and request._sampler is not None  # switched to plain sampling
+        assert request.stats.generated_tokens == 48 and same_or_near_tie(want, request.text), (want, request.text)

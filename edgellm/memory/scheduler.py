@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..errors import CacheTrimError, EdgeLLMError
 from ..runtime import kvfile
@@ -27,6 +28,7 @@ from ..runtime.context import KVSequence, TokenBatch, common_prefix
 from ..runtime.engine import Engine, Record, Stats, finish_after
 from ..runtime.sampling import Sampler, SamplingParams
 from ..speculative.batched import Lookahead
+from ..speculative.costs import load_or_prior
 from ..speculative.policy import Policy
 from ..textstream import TextStream
 from .pressure import MemoryWatch
@@ -87,11 +89,14 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, swap_dir: Path | None = None, watch: MemoryWatch | None = None,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | Literal["auto"] | None = "auto") -> None:
         """`policy`: speculate per sequence with lookup drafts where the batch's cost curve says it pays
-        (speculative/batched.py); the context needs logits rows for the drafts (LoadOptions.n_outputs)."""
+        (speculative/batched.py). "auto": on the model's cost curve (its cached one, else a prior from its
+        size) when the context has logits rows for drafts (the plan's, LoadOptions.n_outputs); None: off."""
         if engine.n_outputs < engine.options.n_seq_max:
             raise EdgeLLMError("the scheduler needs a context made for one logits row per slot")
+        if policy == "auto":
+            policy = Policy(load_or_prior(engine)) if engine.n_outputs > engine.options.n_seq_max else None
         self.policy = policy
         self.engine = engine
         self.slots = [Slot(engine.sequence(i)) for i in range(engine.options.n_seq_max)]
@@ -309,6 +314,9 @@ class Scheduler:
             r._next = None
             r.stats.accepted_tokens += 1
         r._spec.settle(r.slot.tokens, len(draft), len(path))
+        if not r._spec.pays:  # lookups cost this sequence more than they return: decode plainly
+            r._spec = None
+            r._sampler = Sampler(r.sampling, self.engine.n_vocab, r.slot.tokens)
         self._take(r, token)
 
     def _take(self, r: Request, token: int, from_draft: bool = False) -> bool:
