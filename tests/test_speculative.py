@@ -288,8 +288,12 @@ def test_cli_draft_ngram_gives_the_plain_text():
     plain = json.loads(run_cli(*args).stdout)
     spec = json.loads(run_cli(*args, "--draft", "ngram").stdout)
     assert spec["stats"]["generated_tokens"] == plain["stats"]["generated_tokens"]
-    assert spec["text"] == plain["text"] or spec["text"][:20] == plain["text"][:20]
-    assert "acceptance" in spec["stats"] and spec["stats"]["speedup"] > 0
+    # a verification batch may differ from a single decode in a logit's last bits: the texts agree up to
+    # a near-tie, on most of their length
+    agree = next((i for i, (x, y) in enumerate(zip(spec["text"], plain["text"], strict=False)) if x != y),
+                 len(plain["text"]))
+    assert agree >= 0.75 * len(plain["text"]), (spec["text"], plain["text"])
+    assert spec["stats"]["drafted_tokens"] > 0 and spec["stats"]["speedup"] > 0
 
 
 def test_incompatible_draft_model_is_refused(tmp_path: Path, smollm2: Path):
