@@ -92,9 +92,22 @@ class Planned:
 
     def load(self) -> Engine:
         """The engine, through the process's model manager (shared, budgeted; memory.manager)."""
+        return self.acquire().engine
+
+    def acquire(self):
+        """The manager's handle on the loaded model (memory.manager.Loaded): release it when done."""
         from .memory.manager import process_manager
 
-        return process_manager().acquire(self.path, self.request, plan=self.plan, **self.extra).engine
+        return process_manager().acquire(self.path, self.request, plan=self.plan, **self.extra)
+
+
+def planned_chat(path: Path, draft: str = "auto") -> Planned:
+    """The plan `edgellm chat PATH --draft DRAFT` makes, with the chat's defaults for every other flag."""
+    from .cli import command_parser
+    from .gguf_info import read_info
+
+    parser, _ = command_parser("chat")
+    return planned_load(parser.parse_args([str(path), "--draft", draft]), read_info(path))
 
 
 def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> Planned:

@@ -13,6 +13,14 @@ from edgellm.models import resolve
 from edgellm.runtime.engine import Engine, LoadOptions
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chat history of every test (and the CLIs they start) lives here, never in the user's data dir."""
+    path = tmp_path_factory.mktemp("data")
+    os.environ["EDGELLM_DATA"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     return resolve("smollm2-135m")

@@ -1,7 +1,8 @@
-"""`edgellm chat` on a terminal: a Textual app over the same engine and ChatSession as the CLI.
+"""`edgellm chat` on a terminal: the App routes between screens and holds the runtime and the history.
 
-The engine loads in a worker thread; replies stream through `ChatSession.asend`, the async interface
-that the tests drive too. Escape stops a reply, Ctrl+N starts a new conversation.
+Screens: chat (the default), models (F2), quantize (F3), help (F1 or ?, over the others). The engine
+loads in a worker on the llama thread behind the chat's "loading" line; replies stream through
+`ChatSession.asend_frames`, which the tests drive too.
 """
 
 from __future__ import annotations
@@ -10,114 +11,166 @@ import asyncio
 import functools
 import sys
 from collections.abc import Callable
-from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
-from textual import on, work
-from textual.app import App, ComposeResult
+from textual import work
+from textual.app import App
 from textual.binding import Binding
-from textual.containers import VerticalScroll
-from textual.widgets import Footer, Header, Input
 
 from ..errors import EdgeLLMError
+from ..memory.manager import Loaded, process_manager
 from ..memory.pressure import default_watch
 from ..model_defaults import Defaults
 from ..models import BETTER_MODEL_PULL
-from ..options import Planned
+from ..options import LOOKUP_DRAFTS, Planned, planned_chat
 from ..runtime.backend import llama_thread
-from ..runtime.engine import Engine, LoadOptions, Record
+from ..runtime.engine import Engine, LoadOptions
 from ..session import ChatSession
 from ..speculative.setup import make_speculator
-from .widgets import Bubble, Notice, ReplyFinished, StatusLine
-
-
-def summarize(record: Record) -> str:
-    s = record.stats
-    text = (f"{s.generated_tokens} tokens · {s.decode_tps:.1f} t/s · prompt {s.prompt_tokens} "
-            f"({s.reused_tokens} reused) · {record.finish_words}")
-    if s.drafted_tokens:
-        text += (f" · draft accepted {s.acceptance:.0%} ({s.mean_accepted:.1f}/step)"
-                 f" · ~{s.speedup:.2f}x")
-    return text
+from .history import Conversation, History
+from .screens.chat import ChatScreen
+from .screens.help import HelpScreen
+from .screens.models import ModelsScreen
+from .screens.quantize import QuantizeScreen
+from .settings import ChatSettings
 
 
 class ChatApp(App[int]):
-    CSS_PATH = "app.tcss"
-    # A reply is rendered 5 times a second, with the tokens of one frame at once: on 2 cores every frame
-    # takes the decode's time (benchmarks/tui.py: 0.96x of `edgellm run` at 5 fps, 0.87-0.90x at 10).
-    frame_s = 1 / 5
     TITLE = "edgellm chat"
+    DEFAULT_MODE = "chat"
     BINDINGS: ClassVar[list[Binding]] = [
-        Binding("escape", "stop", "Stop reply"),
-        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("f1", "help", "Help"),
+        Binding("question_mark", "help", "Help", show=False),
+        Binding("f2", "switch_mode('models')", "Models"),
+        Binding("f3", "switch_mode('quantize')", "Quantize"),
+        Binding("f4", "switch_mode('chat')", "Chat", show=False),
+        Binding("ctrl+t", "toggle_theme", "Theme", show=False),
+        Binding("ctrl+c", "stop_or_quit", "Stop / quit", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit"),
     ]
 
     def __init__(self, session: ChatSession | None = None, *, model: Path | None = None,
-                 options: LoadOptions | None = None, session_args: dict | None = None,
+                 options: LoadOptions | None = None, settings: ChatSettings | None = None,
                  defaults: Defaults | None = None, embedded: bool = False, notes: list[str] | None = None,
-                 loader: Callable[[], Engine] | None = None) -> None:
-        """Pass a ready `session`, or a `model` to load in the background (with `session_args`).
+                 loader: Callable[[], Engine] | None = None, history: History | None = None,
+                 resume: bool = False, draft_gpu_layers: int = 0, stop: tuple[str, ...] = ()) -> None:
+        """Pass a ready `session`, or a `model` to load in the background (with `settings`).
 
-        `defaults`: the sampling settings in force and their sources, shown on the first screen;
-        `embedded`: the model is the small embedded one, so the first screen says how to get a better one;
-        `notes`: what the memory plan changed to make the load fit, shown on the first screen;
-        `loader`: how to get the engine (the model manager's), instead of loading `model` with `options`.
+        `defaults`: the sampling settings in force and their sources, shown on a new chat;
+        `embedded`: the model is the small embedded one, so a new chat says how to get a better one;
+        `notes`: what the memory plan changed to make the load fit;
+        `loader`: how to get the engine (the model manager's), instead of loading `model` with `options`;
+        `resume`: open the most recent conversation.
         """
         super().__init__()
         self.session = session
-        self._session_args = session_args or {}
+        if settings is None:
+            settings = (ChatSettings.from_sampling(session.sampling, session.system, session.max_tokens, "off")
+                        if session is not None else ChatSettings())
+        self.settings = settings
+        self._stop_strings = stop
+        self._draft_gpu_layers = draft_gpu_layers
         self._defaults, self._embedded = defaults, embedded
         self._notes = notes or []
-        self._loader = loader or functools.partial(Engine, model, options)
-        self._reply_worker = None
-        self.last_record: Record | None = None
+        self._loader: Callable[[], Engine | Loaded] = loader or functools.partial(Engine, model, options)
+        self._loaded: Loaded | None = None
+        self._owns_history = history is None
+        self.history = history if history is not None else History()
+        self.chat = ChatScreen()
+        self.add_mode("chat", lambda: self.chat)
+        self.add_mode("models", ModelsScreen)
+        self.add_mode("quantize", QuantizeScreen)
+        self.conversation: Conversation | None = self.history.last() if resume else None
+        if self.history.moved_aside is not None:
+            self._notes.append(f"the chat history was unreadable; it was moved to {self.history.moved_aside} "
+                               "and a new one started")
 
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield VerticalScroll(id="conversation")
-        yield StatusLine("loading the model…", id="status")
-        yield Input(placeholder="Message (Enter to send)", id="prompt", disabled=self.session is None)
-        yield Footer()
-
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         # The decode thread needs the GIL for a moment between tokens; while this thread renders a frame
         # it would wait up to the default 5 ms switch interval, with the cores idle.
         sys.setswitchinterval(0.001)
         if self.session is None:
             self.load_engine()
         else:
-            self.engine_ready()
+            await self.engine_ready()
 
     @work(exclusive=True, group="load")
     async def load_engine(self) -> None:
         # on the thread that will decode: one OpenMP team for the process (backend.llama_thread)
         loop = asyncio.get_running_loop()
-        args = dict(self._session_args)
-        draft = args.pop("draft", "off")
-        speculate = functools.partial(make_speculator, draft_gpu_layers=args.pop("draft_gpu_layers", 0),
-                                      watch=default_watch())
+        speculate = functools.partial(make_speculator, draft_gpu_layers=self._draft_gpu_layers, watch=default_watch())
         try:
-            engine = await loop.run_in_executor(llama_thread(), self._loader)
-            speculator = await loop.run_in_executor(llama_thread(), speculate, engine, draft)
+            loaded = await loop.run_in_executor(llama_thread(), self._loader)
+            engine = loaded.engine if isinstance(loaded, Loaded) else loaded
+            speculator = await loop.run_in_executor(llama_thread(), speculate, engine, self.settings.draft)
         except EdgeLLMError as e:
-            self.exit(1, 1, f"edgellm: {e}")
+            if self.session is None:  # nothing to go back to
+                self.exit(1, 1, f"edgellm: {e}")
+            else:
+                self.chat.status(f"could not load: {e}")
+                self.notify(str(e), title="model not loaded", severity="error")
             return
-        self.session = ChatSession(engine, speculator=speculator, **args)
-        self.engine_ready()
+        self._close_session()
+        self._loaded = loaded if isinstance(loaded, Loaded) else None
+        self.session = ChatSession(engine, self.settings.sampling, self.settings.max_tokens, self.settings.system,
+                                   self._stop_strings, speculator=speculator)
+        await self.engine_ready()
 
-    def engine_ready(self) -> None:
+    def switch_model(self, path: Path) -> None:
+        """Chat with another model from now on (the plan decides its context and draft)."""
+        try:
+            # a lookup choice carries over; a draft model was the old model's: the plan finds one anew
+            planned = planned_chat(path, self.settings.draft if self.settings.draft in LOOKUP_DRAFTS else "auto")
+        except EdgeLLMError as e:
+            self.notify(str(e), title="model not loaded", severity="error")
+            return
+        self._loader, self._draft_gpu_layers = planned.acquire, planned.draft_gpu_layers
+        self.settings = replace(self.settings, draft=planned.draft)
+        self._notes = list(planned.plan.notes)
+        self.chat.status(f"loading {path.name}…")
+        self.load_engine()
+
+    @work(exclusive=True, group="load")
+    async def change_draft(self, draft: str) -> None:
+        """A new draft choice for the loaded model (auto: the plan picks one that fits)."""
+        if self.session is None:
+            return
+        engine = self.session.engine
+        loop = asyncio.get_running_loop()
+        try:
+            planned = await loop.run_in_executor(None, planned_chat, engine.path, draft)
+            speculator = await loop.run_in_executor(llama_thread(), functools.partial(
+                make_speculator, engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers,
+                watch=default_watch()))
+        except EdgeLLMError as e:
+            self.notify(str(e), title="draft not changed", severity="error")
+            return
+        if self.session.speculator is not None:
+            self.session.speculator.close()
+        self.session.speculator = speculator
+        self.chat.status(f"draft: {planned.draft}")
+
+    def _close_session(self) -> None:
+        if self.session is None:
+            return
+        if self.session.speculator is not None:
+            self.session.speculator.close()
+        if self._loaded is not None:
+            process_manager().release(self._loaded)  # kept for its keep-alive, then evicted
+            self._loaded = None
+
+    async def engine_ready(self) -> None:
+        assert self.session is not None
+        self.sub_title = self.session.engine.info.name
+        if self.conversation is not None:
+            self.open_conversation(self.conversation.id)
+        await self.chat.ready()
+
+    def welcome(self) -> str:
         assert self.session is not None
         engine = self.session.engine
-        self.sub_title = engine.info.name
-        self.query_one("#conversation", VerticalScroll).mount(Notice(self.welcome(engine), id="welcome"))
-        self.query_one(StatusLine).show(f"{engine.info.name} · ready")
-        prompt = self.query_one("#prompt", Input)
-        prompt.disabled = False
-        prompt.focus()
-
-    def welcome(self, engine: Engine) -> str:
         lines = [f"{engine.info.name} · {'chat' if engine.is_chat_model else 'base'} model"]
         if not engine.is_chat_model:
             lines.append("No chat template: a base (completion) model. Messages go in ChatML and a reply "
@@ -133,75 +186,81 @@ class ChatApp(App[int]):
         if self._embedded:
             lines.append(f"This is the small embedded model. For better answers, one command: {BETTER_MODEL_PULL}")
         lines += [f"Memory: {note}" for note in self._notes]
+        lines.append("F1 help · F2 models · F3 quantize · Ctrl+B chats · Ctrl+J new line")
         return "\n".join(lines)
 
-    @on(Input.Submitted, "#prompt")
-    def send(self, event: Input.Submitted) -> None:
-        text = event.value.strip()
-        if not text or self.session is None or self._reply_worker is not None:
-            return
-        event.input.value = ""
-        conversation = self.query_one("#conversation", VerticalScroll)
-        conversation.mount(Bubble("user", text))
-        reply = Bubble("assistant")
-        conversation.mount(reply)
-        conversation.scroll_end(animate=False)
-        self.query_one(StatusLine).show("thinking…")
-        event.input.cursor_blink = False  # a blinking cursor is two repaints a second taken from the decode
-        self._reply_worker = self.stream_reply(text, reply)
+    # -- conversations --------------------------------------------------------------------------------
+    def ensure_conversation(self) -> Conversation:
+        if self.conversation is None:
+            model = self.session.engine.info.name if self.session else ""
+            self.conversation = self.history.create(model, self.settings.as_dict())
+        return self.conversation
 
-    @work(exclusive=True, group="reply")
-    async def stream_reply(self, text: str, reply: Bubble) -> None:
-        assert self.session is not None
-        conversation = self.query_one("#conversation", VerticalScroll)
-        # The new bubbles' layout and paint are done before the decode starts, not beside it.
-        painted = asyncio.Event()
-        self.call_after_refresh(painted.set)
-        await painted.wait()
-        last: Record | None = None
-        try:
-            async with aclosing(self.session.asend_frames(text, self.frame_s)) as frames:
-                async for frame in frames:
-                    if reply.append_records(frame):
-                        conversation.scroll_end(animate=False)
-                    for event in (r.event for r in frame if r.event):
-                        self.query_one(StatusLine).show(event)  # memory pressure: what was given up
-                    last = frame[-1]
-        except EdgeLLMError as e:
-            reply.add_class("error")
-            reply.append(f"[{e}]")
-            self.post_message(ReplyFinished("error", str(e)))
-            return
-        finally:
-            reply.finish()
-            self.query_one("#prompt", Input).cursor_blink = True
-            self._reply_worker = None
-        if last is not None:
-            self.last_record = last
-            self.post_message(ReplyFinished(last.finish_reason, summarize(last)))
+    def new_conversation(self) -> None:
+        self.conversation = None
+        self.apply_settings(self.settings)
 
-    def on_reply_finished(self, message: ReplyFinished) -> None:
-        self.query_one(StatusLine).show(message.summary)
+    def open_conversation(self, conversation_id: int) -> None:
+        self.conversation = self.history.load(conversation_id)
+        self.apply_settings(self.settings.merged(self.conversation.settings))
 
-    def action_stop(self) -> None:
-        if self._reply_worker is not None:
-            self._reply_worker.cancel()
-            self._reply_worker = None
-            self.query_one(StatusLine).show("stopped")
+    def apply_settings(self, settings: ChatSettings) -> None:
+        """A conversation's system prompt and sampling into the session; its messages after them."""
+        if self.session is not None:
+            self.session.sampling, self.session.max_tokens = settings.sampling, settings.max_tokens
+            self.session.system = settings.system
+        self.sync_session()
 
-    def action_new_chat(self) -> None:
+    def sync_session(self, upto: int | None = None) -> None:
+        """The session's messages = the conversation's (up to `upto`), less turns that failed."""
         if self.session is None:
             return
-        self.action_stop()
-        self.session.reset()
-        self.query(Bubble).remove()
-        self.query_one(StatusLine).show("new conversation")
+        messages = self.conversation.messages[:upto] if self.conversation else []
+        chat = [m.as_chat() for i, m in enumerate(messages)
+                if m.status != "error" and not (m.role == "user" and i + 1 < len(messages)
+                                                and messages[i + 1].status == "error")]
+        system = self.session.system
+        if system and not any(m["role"] == "system" for m in chat):
+            chat.insert(0, {"role": "system", "content": system})
+        self.session.messages = chat
+
+    def save_settings(self, settings: ChatSettings) -> None:
+        """New settings for the current conversation (and the next new ones)."""
+        self.settings = settings
+        self.apply_settings(settings)
+        if self.conversation is not None:
+            self.conversation.settings = settings.as_dict()
+            self.history.update(self.conversation)
+
+    # -- actions --------------------------------------------------------------------------------------
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_toggle_theme(self) -> None:
+        self.theme = "textual-light" if self.current_theme.dark else "textual-dark"
+
+    async def action_stop_or_quit(self) -> None:
+        chat = self.chat
+        if chat.streaming:
+            chat.action_stop()
+        else:
+            await self.action_quit()
+
+    async def action_quit(self) -> None:
+        await self.chat.stop_and_wait()  # the reply so far is saved, marked stopped
+        self.exit(0)
+
+    def on_unmount(self) -> None:
+        self._close_session()
+        if self._owns_history:
+            self.history.close()
 
 
 def run_app(model: Path, planned: Planned, defaults: Defaults, max_tokens: int,
-            stop: tuple[str, ...] = (), embedded: bool = False) -> int:
-    app = ChatApp(model=model, options=planned.options, loader=planned.load, defaults=defaults, embedded=embedded,
-                  session_args={
-        "sampling": defaults.sampling, "max_tokens": max_tokens, "system": defaults.system, "stop": stop,
-        "draft": planned.draft, "draft_gpu_layers": planned.draft_gpu_layers}, notes=planned.plan.notes)
+            stop: tuple[str, ...] = (), embedded: bool = False, resume: bool = False) -> int:
+    settings = ChatSettings.from_sampling(defaults.sampling, defaults.system, max_tokens, planned.draft)
+    app = ChatApp(model=model, options=planned.options, loader=planned.acquire, defaults=defaults, embedded=embedded,
+                  settings=settings, notes=planned.plan.notes, resume=resume, stop=stop,
+                  draft_gpu_layers=planned.draft_gpu_layers)
     return app.run() or 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import EdgeLLMError
 from ..gguf_info import read_info
 from ..memory.pressure import default_watch
 from ..models import BETTER_MODEL_PULL, default_model, resolve
@@ -20,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
     p.add_argument("--system", default=None, help="system message (default: the model's)")
     p.add_argument("--plain", action="store_true", help="line-mode chat, even on a terminal")
+    p.add_argument("--resume", action="store_true", help="reopen the last conversation (the terminal UI's history)")
 
 
 def main(a: argparse.Namespace) -> int:
@@ -35,7 +37,10 @@ def main(a: argparse.Namespace) -> int:
     if interactive and not a.plain:
         from ..tui.app import run_app
 
-        return run_app(path, planned, defaults, a.max_tokens, tuple(a.stop), embedded)
+        return run_app(path, planned, defaults, a.max_tokens, tuple(a.stop), embedded, a.resume)
+    if a.resume:
+        raise EdgeLLMError("--resume reopens the terminal UI's history: run `edgellm chat --resume` on a terminal, "
+                           "without --plain")
     for note in planned.plan.notes:
         print(f"edgellm: {note}", file=sys.stderr)
     engine = planned.load()

@@ -8,7 +8,6 @@ otherwise.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from ..errors import EdgeLLMError
@@ -46,25 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(a: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from ..quantize.convert import convert, load_config, safetensor_files
-    from ..quantize.imatrix import ImportanceMatrix
-    from ..quantize.imatrix import compute as compute_imatrix
-    from ..quantize.quantize import CONVERT_ONLY, check_type, quantize, tensor_type
-    from ..quantize.report import measure
+    from ..quantize.convert import load_config
+    from ..quantize.pipeline import QuantizeJob, report_against_f16, run
 
     src = Path(a.model).expanduser()
     if not src.is_dir():
         src = snapshot(a.model, a.revision, HUB_PATTERNS)
     qtype = a.type.upper()
-    check_type(qtype, not a.no_imatrix)  # an unknown type, or one that needs an imatrix, fails before any work
-    tensor_types = parse_tensor_types(a.tensor_type)
-    for name in (a.output_type, a.embedding_type):
-        if name:
-            tensor_type(name)
     budget = budget_bytes(a)
-    if budget is not None and a.draft:
-        raise EdgeLLMError("--size/--bpw and --draft do not go together; a self-draft has its own mix")
-    config, _ = load_config(src)
+    load_config(src)
     suffix = f"draft-{qtype}" if a.draft else f"{a.size or f'{a.bpw}bpw'}" if budget is not None else qtype
     out = Path(a.output).expanduser() if a.output else models_dir() / f"{src.name}-{suffix}.gguf"
     if a.report:
@@ -72,71 +61,23 @@ def main(a: argparse.Namespace) -> int:
             raise EdgeLLMError(f"{out} does not exist; quantize first, or pass the file with -o")
         print_report(out, report_against_f16(src, out, a.threads))
         return 0
-    if out.exists() and not a.force:
-        raise EdgeLLMError(f"{out} exists; pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    weights = sum(f.stat().st_size for f in safetensor_files(src) if f.exists())
-    dtype_bytes = {"float32": 4}.get(config.get("torch_dtype"), 2)
-    need = weights * 2 // dtype_bytes + weights // 2  # the F16 intermediate, then the quantized file
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
-        raise EdgeLLMError(f"not enough disk in {out.parent}: {free / 1e9:.1f} GB free, about "
-                           f"{need / 1e9:.1f} GB needed")
-
-    quality = None
+    job = QuantizeJob(src, out, qtype, *(budget or (None, None)),
+                      imatrix_file=Path(a.imatrix).expanduser() if a.imatrix else None,
+                      calibration=Path(a.calibration).expanduser() if a.calibration else None,
+                      no_imatrix=a.no_imatrix, imatrix_chunks=a.imatrix_chunks, report=not a.no_report,
+                      draft=a.draft, draft_keep=a.draft_keep, tensor_types=parse_tensor_types(a.tensor_type),
+                      output_type=a.output_type, embedding_type=a.embedding_type, threads=a.threads, force=a.force)
     with Progress(transient=True) as bar:
         task = bar.add_task("converting", total=None)
-        progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
-        if qtype in CONVERT_ONLY and budget is None and not tensor_types:
-            convert(src, out, CONVERT_ONLY[qtype], force=a.force, progress=progress)
-            if not a.no_report:
-                bar.update(task, description="measuring quality", total=None)
-                # F16 is its own reference; the others are compared with an F16 made for the report
-                quality = (measure(out, out, threads=a.threads) if qtype == "F16"
-                           else report_against_f16(src, out, a.threads))
-        else:
-            intermediate = out.with_name(f".{out.stem}.f16.gguf")
-            try:
-                convert(src, intermediate, "f16", force=True, progress=progress)
-                if budget is not None:  # an impossible budget fails now, not after the slow steps
-                    from ..gguf_info import read_info
-                    from ..quantize.budget import target_bytes
-
-                    target_bytes(read_info(intermediate), *budget)
-                imatrix = None
-                if a.imatrix:
-                    imatrix = ImportanceMatrix.load(Path(a.imatrix).expanduser())
-                elif not a.no_imatrix:
-                    bar.update(task, description="importance matrix", total=None)
-                    text = Path(a.calibration).read_text(encoding="utf-8") if a.calibration else None
-                    imatrix = compute_imatrix(intermediate, text, max_chunks=a.imatrix_chunks, threads=a.threads,
-                                              dataset=a.calibration or "assets/calibration.txt")
-                    imatrix.save(out.with_name(f"{out.stem}.imatrix"))
-                if budget is not None:
-                    from ..quantize.budget import plan
-
-                    bar.update(task, description="measuring sensitivity", total=None)
-                    mix = plan(intermediate, imatrix, budget[0], budget[1], a.threads, progress)
-                    qtype = mix.file_type()
-                    tensor_types = tensor_types | mix.overrides()  # the user's patterns first: they win
-                    print(f"size budget: {mix.file_bytes / 1e6:,.1f} MB planned, {mix.describe()}")
-                bar.update(task, description=f"quantizing to {qtype}", total=None)
-                prune = None
-                if a.draft:
-                    from ..gguf_info import read_info
-                    from ..quantize.quantize import draft_layers_to_drop
-
-                    prune = draft_layers_to_drop(read_info(intermediate).n_layer, a.draft_keep)
-                quantize(intermediate, out, qtype, a.threads, imatrix, prune, tensor_types,
-                         a.output_type, a.embedding_type)
-                if not a.no_report and not a.draft:  # a draft is not meant to match its target token for token
-                    bar.update(task, description="measuring quality", total=None)
-                    quality = measure(intermediate, out, threads=a.threads)
-            finally:
-                intermediate.unlink(missing_ok=True)  # a 7B model's F16 is 14 GB of a laptop's disk
-    print(f"{out} ({out.stat().st_size / 1e6:,.0f} MB, {qtype})")
-    if quality is not None:
-        print_report(out, quality)
+        words = {"convert": "converting", "importance matrix": "importance matrix", "plan": "measuring sensitivity",
+                 "quantize": "quantizing", "report": "measuring quality"}
+        result = run(job, lambda stage, done, total: bar.update(task, description=words[stage], completed=done or 0,
+                                                                 total=total))
+    if result.mix:
+        print(result.mix)
+    print(f"{out} ({out.stat().st_size / 1e6:,.0f} MB, {result.qtype})")
+    if result.quality is not None:
+        print_report(out, result.quality)
     return 0
 
 
@@ -154,9 +95,9 @@ def budget_bytes(a: argparse.Namespace) -> tuple[int | None, float | None] | Non
     if a.size:
         return parse_size(a.size), None
     if a.bpw is not None:
-        if not 1.5 <= a.bpw <= 16:
-            raise EdgeLLMError(f"--bpw {a.bpw} is out of range; use 1.5 to 16 bits per weight")
-        return None, a.bpw
+        from ..quantize.pipeline import check_bpw
+
+        return None, check_bpw(a.bpw)
     return None
 
 
@@ -178,18 +119,6 @@ def parse_tensor_types(items: list[str]) -> dict[str, str]:
         tensor_type(name)
         out[pattern] = name.upper()
     return out
-
-
-def report_against_f16(src: Path, out: Path, threads: int | None):
-    """`out` measured against a fresh F16 of `src`, which is deleted afterwards."""
-    from ..quantize.convert import convert
-    from ..quantize.report import measure
-
-    reference = out.with_name(f".{out.stem}.f16.gguf")
-    try:
-        return measure(convert(src, reference, "f16", force=True), out, threads=threads)
-    finally:
-        reference.unlink(missing_ok=True)
 
 
 def print_report(quantized: Path, quality) -> None:
