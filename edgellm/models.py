@@ -257,6 +257,10 @@ def hub_errors(repo: str, filename: str | None = None, revision: str | None = No
     )
 
     target = f"{repo}/{filename}" if filename else repo
+    unreachable = (f"the hub ({constants.ENDPOINT}) cannot be reached and {target} is not cached; connect to the "
+                   "network (or set HF_ENDPOINT to a mirror) and try again")
+    if not constants.HF_HUB_OFFLINE and not hub_reachable(constants.ENDPOINT):
+        raise EdgeLLMError(unreachable)  # at once, not after huggingface-hub's 23 s of retries
     try:
         yield
     except LocalEntryNotFoundError:
@@ -273,6 +277,27 @@ def hub_errors(repo: str, filename: str | None = None, revision: str | None = No
         raise EdgeLLMError(f"download from the hub failed: {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise EdgeLLMError(f"download failed: {e}") from None
+    except Exception as e:
+        if type(e).__module__.split(".")[0].rstrip("0123456789") in ("httpx", "httpcore"):  # the network went away
+            raise EdgeLLMError(f"{unreachable} ({e})") from None
+        raise
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's host opens (a missing network is told apart in seconds)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                           "all_proxy")):
+        return True  # through a proxy: only the request itself can tell
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def pull(repo: str, filename: str | None = None, revision: str | None = None) -> Path:

@@ -27,6 +27,14 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_hf(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Path:
+    """The embedded model exported to a Hugging Face folder (safetensors, config, tokenizer)."""
+    from edgellm.quantize.export import export
+
+    return export(smollm2, tmp_path_factory.mktemp("smol-hf") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
 def engine(smollm2: Path):
     with Engine(smollm2, LoadOptions(n_ctx=2048, n_threads=2)) as e:
         yield e

@@ -28,11 +28,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def smol_hf(tmp_path_factory, smollm2: Path) -> Path:
-    return export(smollm2, tmp_path_factory.mktemp("smol-hf") / "SmolLM2-135M-Instruct")
-
-
-@pytest.fixture(scope="session")
 def smol_f16(tmp_path_factory, smol_hf: Path) -> Path:
     return convert(smol_hf, tmp_path_factory.mktemp("smol-gguf") / "smol-f16.gguf", "f16")
 

@@ -47,7 +47,7 @@ class ChatApp(App[int]):
         Binding("f3", "switch_mode('quantize')", "Quantize"),
         Binding("f4", "switch_mode('chat')", "Chat", show=False),
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
-        Binding("ctrl+c", "stop_or_quit", "Stop / quit", show=False, priority=True),
+        Binding("ctrl+c", "stop_or_quit", "Stop the reply; quit when none runs", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit"),
     ]
 

@@ -13,8 +13,7 @@ from textual.widgets import Static
 
 from ..widgets.prompt import NEWLINE_KEYS
 
-EXTRA = [("enter", "Send the message"), (" / ".join(NEWLINE_KEYS), "New line in the message"),
-         ("ctrl+c", "Stop the reply; quit when none is running")]
+EXTRA = [("enter", "Send the message"), (",".join(NEWLINE_KEYS), "New line in the message")]
 
 
 def key_name(key: str) -> str:
@@ -42,10 +41,10 @@ def bindings_table() -> Table:
                 ("quantize", QuantizeScreen.BINDINGS)]
     for where, bindings in sections:
         for b in bindings:
-            if isinstance(b, Binding) and b.action != "stop_or_quit":
+            if isinstance(b, Binding):
                 table.add_row(where, key_name(b.key), b.description or b.action)
     for key, does in EXTRA:
-        table.add_row("message box" if key != "ctrl+c" else "anywhere", key_name(key), does)
+        table.add_row("message box", key_name(key), does)
     return table
 
 

@@ -1,0 +1,233 @@
+"""The terminal UI's history, screens and bad states, driven with Pilot over real models and real SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from textual.widgets import Button, DataTable, Input, Label, ListView
+
+from edgellm.quantize.pipeline import STAGES, Cancelled, QuantizeJob, run
+from edgellm.runtime.engine import Engine
+from edgellm.runtime.sampling import SamplingParams
+from edgellm.session import ChatSession
+from edgellm.tui.app import ChatApp
+from edgellm.tui.history import History, Message
+from edgellm.tui.screens.help import HelpScreen
+from edgellm.tui.widgets import Bubble, PromptArea
+from tests.test_quantize import tiny_checkpoint
+from tests.test_tui import status_text, type_and_send, wait_for_reply
+
+
+def new_app(engine: Engine, db: Path, **kwargs) -> tuple[ChatApp, ChatSession]:
+    session = ChatSession(engine, SamplingParams.greedy_params(), max_tokens=12)
+    return ChatApp(session, history=History(db), **kwargs), session
+
+
+async def test_history_survives_a_restart_and_resume_continues_it(fresh_engine: Engine, tmp_path: Path):
+    db = tmp_path / "history.sqlite"
+    app, _ = new_app(fresh_engine, db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await type_and_send(app, pilot, "My name is Ada.")
+        first_reply = list(app.query(Bubble))[-1].plain
+    fresh_engine.reset()
+    app, session = new_app(fresh_engine, db, resume=True)  # a new app on the same database
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        shown = [(b.role, b.plain) for b in app.query(Bubble)]
+        assert shown == [("user", "My name is Ada."), ("assistant", first_reply)]
+        await type_and_send(app, pilot, "What is my name?")
+        # the model saw the whole conversation: the earlier turn is in its prompt
+        assert [m["content"] for m in session.messages[:2]] == ["My name is Ada.", first_reply]
+    history = History(db)
+    (conversation,) = history.conversations()
+    assert [m.role for m in history.load(conversation.id).messages] == ["user", "assistant", "user", "assistant"]
+
+
+async def test_regenerate_and_edit_the_last_message(fresh_engine: Engine, tmp_path: Path):
+    app, session = new_app(fresh_engine, tmp_path / "h.sqlite")
+    session.sampling = SamplingParams(temperature=1.0, seed=None)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await type_and_send(app, pilot, "Tell me a word.")
+        await pilot.press("ctrl+r")
+        await wait_for_reply(app, pilot)
+        conversation = app.history.load(app.conversation.id)
+        assert [m.role for m in conversation.messages] == ["user", "assistant"]  # replaced, not added
+        assert conversation.messages[1].content == list(app.query(Bubble))[-1].plain
+        assert [b.role for b in app.query(Bubble)] == ["user", "assistant"]
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        assert app.query_one(PromptArea).text == "Tell me a word."
+        assert app.history.load(app.conversation.id).messages == [] and not app.query(Bubble)
+        assert session.messages == []
+        app.query_one(PromptArea).text = "Tell me a colour."
+        await pilot.press("enter")
+        await wait_for_reply(app, pilot)
+        assert [m.content for m in app.history.load(app.conversation.id).messages][:1] == ["Tell me a colour."]
+
+
+async def test_several_chats_in_the_sidebar_switch_and_search(fresh_engine: Engine, tmp_path: Path):
+    app, session = new_app(fresh_engine, tmp_path / "h.sqlite")
+    async with app.run_test(size=(120, 30)) as pilot:  # wide enough: the sidebar is shown
+        await type_and_send(app, pilot, "First chat about apples.")
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert not app.query(Bubble)
+        await type_and_send(app, pilot, "Second chat about boats.")
+        chats = app.query_one("#chats", ListView)
+        assert len(chats.children) == 2
+        app.query_one("#search", Input).value = "apples"
+        await pilot.pause(0.2)
+        assert len(chats.children) == 1
+        chats.index = 0
+        chats.action_select_cursor()
+        await pilot.pause(0.3)
+        assert [b.plain for b in app.query(Bubble)][:1] == ["First chat about apples."]
+        assert session.messages[0]["content"] == "First chat about apples."
+
+
+async def test_help_lists_every_binding_and_closes(fresh_engine: Engine, tmp_path: Path):
+    from rich.console import Console
+
+    from edgellm.tui.screens.chat import ChatScreen
+    from edgellm.tui.screens.help import bindings_table
+
+    app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f1")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        assert "Esc" in app.export_screenshot()  # the first rows are on screen at 80x24; the rest scroll
+        console = Console(width=100, record=True)
+        console.print(bindings_table())
+        listed = console.export_text()
+        for binding in (*ChatScreen.BINDINGS, *ChatApp.BINDINGS):
+            assert binding.description in listed, binding.description
+        assert "Ctrl+J" in listed and "Ctrl+R" in listed and "F2" in listed
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_models_screen_lists_what_fits_and_keeps_settings_per_conversation(fresh_engine: Engine,
+                                                                                 tmp_path: Path):
+    app, session = new_app(fresh_engine, tmp_path / "h.sqlite")
+    async with app.run_test(size=(120, 30)) as pilot:
+        await type_and_send(app, pilot, "Hello.")
+        await pilot.press("f2")
+        await pilot.pause(0.5)
+        table = app.screen.query_one("#models", DataTable)
+        rows = {str(table.get_row_at(i)[0]): table.get_row_at(i) for i in range(table.row_count)}
+        assert rows["smollm2-135m"][4] == "yes"  # 135M fits this machine
+        app.screen.query_one("#temperature", Input).value = "-1"
+        app.screen.query_one("#save-settings", Button).press()
+        await pilot.pause()
+        assert "temperature must be at least 0" in str(app.screen.query_one("#settings-status", Label).render())
+        app.screen.query_one("#temperature", Input).value = "0.3"
+        app.screen.query_one("#system", Input).value = "Answer in French."
+        app.screen.query_one("#save-settings", Button).press()
+        await pilot.pause()
+        stored = app.history.load(app.conversation.id).settings
+        assert stored["temperature"] == 0.3 and stored["system"] == "Answer in French."
+        assert session.sampling.temperature == 0.3 and session.messages[0] == {"role": "system",
+                                                                               "content": "Answer in French."}
+
+
+async def test_a_pull_with_no_network_says_so_in_one_line(fresh_engine: Engine, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the hub cannot be reached
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
+    async with app.run_test(size=(120, 30)) as pilot:
+        await pilot.press("f2")
+        await pilot.pause(0.3)
+        app.screen.query_one("#repo", Input).value = "someone/some-model-GGUF"
+        app.screen.query_one("#pull", Button).press()
+        for _ in range(200):
+            await pilot.pause(0.1)
+            if "pulling" not in str(app.screen.query_one("#pull-status", Label).render()):
+                break
+        status = str(app.screen.query_one("#pull-status", Label).render())
+        assert status.startswith("edgellm: the hub (http://127.0.0.1:9) cannot be reached"), status
+        assert "\n" not in status and "Traceback" not in status
+
+
+def test_the_pipeline_reports_each_stage_and_a_cancel_leaves_nothing(tmp_path: Path, smol_hf: Path):
+    folder = tiny_checkpoint(tmp_path / "tiny", "LlamaForCausalLM", smol_hf)
+    seen: list[str] = []
+    job = QuantizeJob(folder, tmp_path / "out" / "tiny-Q4_0.gguf", "Q4_0", imatrix_chunks=2)
+    result = run(job, lambda stage, done, total: seen.append(stage) if not seen or seen[-1] != stage else None)
+    assert seen == ["convert", "importance matrix", "quantize", "report"] and set(seen) <= set(STAGES)
+    assert result.out.is_file() and result.quality is not None
+    cancel = threading.Event()
+    job = QuantizeJob(folder, tmp_path / "out" / "tiny-cancelled.gguf", "Q4_0", imatrix_chunks=2)
+
+    def cancel_during_convert(stage: str, done, total) -> None:
+        if stage == "convert" and done:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        run(job, cancel_during_convert, cancel)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny-Q4_0.gguf", "tiny-Q4_0.imatrix"]
+
+
+async def test_quantize_a_tiny_checkpoint_from_the_screen_and_see_it_listed(fresh_engine: Engine, tmp_path: Path,
+                                                                            smol_hf: Path, monkeypatch):
+    monkeypatch.setenv("EDGELLM_MODELS", str(tmp_path / "models"))
+    folder = tiny_checkpoint(tmp_path / "TinyLlama-test", "LlamaForCausalLM", smol_hf)
+    app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f3")
+        await pilot.pause(0.3)
+        app.screen.query_one("#source", Input).value = str(folder)
+        app.screen.query_one("#kind", Input).value = "Q8_0"
+        app.screen.query_one("#start", Button).press()
+        for _ in range(600):
+            await pilot.pause(0.1)
+            if app.screen._cancel is None and "done" in str(app.screen.query_one("#stage", Label).render()):
+                break
+        stage = str(app.screen.query_one("#stage", Label).render())
+        assert "done" in stage and "TinyLlama-test-Q8_0.gguf" in stage, stage
+        assert (tmp_path / "models" / "TinyLlama-test-Q8_0.gguf").is_file()
+        await pilot.press("f2")
+        await pilot.pause(0.5)
+        table = app.screen.query_one("#models", DataTable)
+        names = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+        assert "TinyLlama-test-Q8_0" in names
+
+
+def test_a_corrupt_database_is_moved_aside_and_a_new_one_made(tmp_path: Path):
+    db = tmp_path / "history.sqlite"
+    db.write_bytes(b"this is not a database" * 100)
+    history = History(db)
+    assert history.moved_aside is not None and history.moved_aside.read_bytes().startswith(b"this is not")
+    assert history.schema_version == 1 and history.conversations() == []
+    history.add(history.create("m"), Message("user", "still works"))
+    assert history.conversations()[0].title == "still works"
+
+
+def test_two_processes_share_the_database_while_one_writes(tmp_path: Path):
+    db = tmp_path / "history.sqlite"
+    a, b = History(db), History(db)
+    assert a.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conversation = a.create("m")
+    hold = sqlite3.connect(db, timeout=0, check_same_thread=False)
+    hold.execute("BEGIN IMMEDIATE")  # another writer holds the lock for a moment
+    threading.Timer(0.3, hold.rollback).start()
+    b.add(b.load(conversation.id), Message("user", "waited for the lock"))  # the busy timeout waits
+    assert [m.content for m in a.load(conversation.id).messages] == ["waited for the lock"]
+
+
+async def test_a_new_chat_after_a_corrupt_database_tells_where_the_old_one_went(fresh_engine: Engine,
+                                                                               tmp_path: Path):
+    db = tmp_path / "history.sqlite"
+    db.write_bytes(b"\0garbage" * 64)
+    app, _ = new_app(fresh_engine, db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        welcome = str(app.query_one("#welcome").render())
+        assert "moved to" in welcome and ".corrupt-" in welcome
+        await type_and_send(app, pilot, "Hi")
+        assert "t/s" in status_text(app)
