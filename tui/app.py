@@ -55,14 +55,17 @@ class ChatApp(App[int]):
                  options: LoadOptions | None = None, settings: ChatSettings | None = None,
                  defaults: Defaults | None = None, embedded: bool = False, notes: list[str] | None = None,
                  loader: Callable[[], Engine] | None = None, history: History | None = None,
-                 resume: bool = False, draft_gpu_layers: int = 0, stop: tuple[str, ...] = ()) -> None:
+                 resume: bool = False, draft_gpu_layers: int = 0, stop: tuple[str, ...] = (),
+                 prepare: Callable[[], tuple[Path, Planned, Defaults, bool]] | None = None) -> None:
         """Pass a ready `session`, or a `model` to load in the background (with `settings`).
 
         `defaults`: the sampling settings in force and their sources, shown on a new chat;
         `embedded`: the model is the small embedded one, so a new chat says how to get a better one;
         `notes`: what the memory plan changed to make the load fit;
         `loader`: how to get the engine (the model manager's), instead of loading `model` with `options`;
-        `resume`: open the most recent conversation.
+        `resume`: open the most recent conversation;
+        `prepare`: what `edgellm chat` does before loading (pick the model, plan its memory), run in the
+        loading worker so the first frame does not wait for it; it gives the model, plan and defaults.
         """
         super().__init__()
         self.session = session
@@ -76,6 +79,7 @@ class ChatApp(App[int]):
         self._notes = notes or []
         self._loader: Callable[[], Engine | Loaded] = loader or functools.partial(Engine, model, options)
         self._loaded: Loaded | None = None
+        self._prepare = prepare
         self._owns_history = history is None
         self.history = history if history is not None else History()
         self.chat = ChatScreen()
@@ -102,6 +106,11 @@ class ChatApp(App[int]):
         loop = asyncio.get_running_loop()
         speculate = functools.partial(make_speculator, draft_gpu_layers=self._draft_gpu_layers, watch=default_watch())
         try:
+            if self._prepare is not None:
+                self.use_plan(*await loop.run_in_executor(None, self._prepare))
+                self._prepare = None
+                speculate = functools.partial(make_speculator, draft_gpu_layers=self._draft_gpu_layers,
+                                              watch=default_watch())
             loaded = await loop.run_in_executor(llama_thread(), self._loader)
             engine = loaded.engine if isinstance(loaded, Loaded) else loaded
             speculator = await loop.run_in_executor(llama_thread(), speculate, engine, self.settings.draft)
@@ -117,6 +126,14 @@ class ChatApp(App[int]):
         self.session = ChatSession(engine, self.settings.sampling, self.settings.max_tokens, self.settings.system,
                                    self._stop_strings, speculator=speculator)
         await self.engine_ready()
+
+    def use_plan(self, path: Path, planned: Planned, defaults: Defaults, embedded: bool) -> None:
+        """`edgellm chat`'s choices: load this model with this plan and these sampling defaults."""
+        self._loader, self._draft_gpu_layers = planned.acquire, planned.draft_gpu_layers
+        self._defaults, self._embedded = defaults, embedded
+        self._notes = [*planned.plan.notes, *self._notes]
+        self.settings = ChatSettings.from_sampling(defaults.sampling, defaults.system, self.settings.max_tokens,
+                                                   planned.draft)
 
     def switch_model(self, path: Path) -> None:
         """Chat with another model from now on (the plan decides its context and draft)."""
@@ -257,10 +274,7 @@ class ChatApp(App[int]):
             self.history.close()
 
 
-def run_app(model: Path, planned: Planned, defaults: Defaults, max_tokens: int,
-            stop: tuple[str, ...] = (), embedded: bool = False, resume: bool = False) -> int:
-    settings = ChatSettings.from_sampling(defaults.sampling, defaults.system, max_tokens, planned.draft)
-    app = ChatApp(model=model, options=planned.options, loader=planned.acquire, defaults=defaults, embedded=embedded,
-                  settings=settings, notes=planned.plan.notes, resume=resume, stop=stop,
-                  draft_gpu_layers=planned.draft_gpu_layers)
-    return app.run() or 0
+def run_app(prepare: Callable[[], tuple[Path, Planned, Defaults, bool]], resume: bool = False,
+            max_tokens: int = 512, stop: tuple[str, ...] = ()) -> int:
+    """`edgellm chat` on a terminal: `prepare` (model, plan, defaults) runs behind the first frame."""
+    return ChatApp(prepare=prepare, resume=resume, settings=ChatSettings(max_tokens=max_tokens), stop=stop).run() or 0

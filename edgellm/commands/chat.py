@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from pathlib import Path
 
 from ..errors import EdgeLLMError
 from ..gguf_info import read_info
 from ..memory.pressure import default_watch
+from ..model_defaults import Defaults
 from ..models import BETTER_MODEL_PULL, default_model, resolve
-from ..options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
+from ..options import (
+    Planned,
+    add_model_arguments,
+    add_sampling_arguments,
+    check_ranges,
+    planned_load,
+    sampling_defaults,
+)
 from ..session import ChatSession
 from ..speculative.setup import make_speculator
 
@@ -25,19 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
-    if a.model:
-        path, embedded = resolve(a.model), False
-    else:  # the best chat model on this machine, else the embedded one
-        chosen = default_model()
-        path, embedded = chosen.path, chosen.embedded
-    info = read_info(path)
-    defaults = sampling_defaults(a, info)
-    planned = planned_load(a, info)
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    if interactive and not a.plain:
+    check_ranges(a)
+    explicit = resolve(a.model) if a.model else None  # an unknown model fails here, before any screen
+    if sys.stdin.isatty() and sys.stdout.isatty() and not a.plain:
         from ..tui.app import run_app
 
-        return run_app(path, planned, defaults, a.max_tokens, tuple(a.stop), embedded, a.resume)
+        # the app's first frame does not wait for the model scan, the header read or the memory plan
+        return run_app(functools.partial(prepare, a, explicit), a.resume, a.max_tokens, tuple(a.stop))
+    _, planned, defaults, embedded = prepare(a, explicit)
     if a.resume:
         raise EdgeLLMError("--resume reopens the terminal UI's history: run `edgellm chat --resume` on a terminal, "
                            "without --plain")
@@ -47,7 +52,17 @@ def main(a: argparse.Namespace) -> int:
     session = ChatSession(engine, defaults.sampling, a.max_tokens, defaults.system, tuple(a.stop),
                           speculator=make_speculator(engine, planned.draft, watch=default_watch(),
                                                      draft_gpu_layers=planned.draft_gpu_layers))
-    return plain_chat(session, interactive, embedded)
+    return plain_chat(session, sys.stdin.isatty() and sys.stdout.isatty(), embedded)
+
+
+def prepare(a: argparse.Namespace, path: Path | None) -> tuple[Path, Planned, Defaults, bool]:
+    """The model (the best local chat model when none is named), its sampling defaults and memory plan."""
+    embedded = False
+    if path is None:
+        chosen = default_model()
+        path, embedded = chosen.path, chosen.embedded
+    info = read_info(path)
+    return path, planned_load(a, info), sampling_defaults(a, info), embedded
 
 
 def plain_chat(session: ChatSession, interactive: bool, embedded: bool = False) -> int:
