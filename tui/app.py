@@ -25,7 +25,7 @@ from ..memory.pressure import default_watch
 from ..model_defaults import Defaults
 from ..models import BETTER_MODEL_PULL
 from ..options import LOOKUP_DRAFTS, Planned, planned_chat
-from ..runtime.backend import llama_thread
+from ..runtime.backend import favour_this_thread, llama_thread
 from ..runtime.engine import Engine, LoadOptions
 from ..session import ChatSession
 from ..speculative.setup import make_speculator
@@ -123,6 +123,7 @@ class ChatApp(App[int]):
             return
         self._close_session()
         self._loaded = loaded if isinstance(loaded, Loaded) else None
+        favour_this_thread()  # keystrokes are echoed at once while a reply decodes on every core
         self.session = ChatSession(engine, self.settings.sampling, self.settings.max_tokens, self.settings.system,
                                    self._stop_strings, speculator=speculator)
         await self.engine_ready()

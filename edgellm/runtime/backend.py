@@ -80,3 +80,19 @@ def llama_thread() -> ThreadPoolExecutor:
     (README). One thread for every call keeps one team.
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+
+
+def favour_this_thread(nice: int = 10) -> int:
+    """Lower the scheduling priority of every other thread of this process (the decode and llama.cpp's
+    OpenMP workers; threads they start later inherit it), so the calling UI thread gets a core at once
+    when a key arrives while a reply decodes on all of them. CFS only weighs runnable threads against each
+    other, so the decode loses nothing while the UI sleeps. Returns how many threads were changed."""
+    me, changed = threading.get_native_id(), 0
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
+        tid = int(task)
+        if tid == me:
+            continue
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+            changed += 1
+    return changed

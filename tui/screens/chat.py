@@ -28,7 +28,7 @@ from ..widgets.status import memory_summary, reply_summary
 if TYPE_CHECKING:
     from ..app import ChatApp
 
-SIDEBAR_MIN_WIDTH = 100  # narrower terminals start with the sidebar hidden (Ctrl+B shows it)
+SIDEBAR_MIN_WIDTH = 120  # narrower terminals start with the sidebar hidden (Ctrl+B shows it)
 MIN_SIZE = (60, 16)
 
 
