@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -231,3 +232,77 @@ async def test_a_new_chat_after_a_corrupt_database_tells_where_the_old_one_went(
         assert "moved to" in welcome and ".corrupt-" in welcome
         await type_and_send(app, pilot, "Hi")
         assert "t/s" in status_text(app)
+
+
+async def test_coming_back_to_a_conversation_restores_its_kv_cache_instead_of_prefilling(fresh_engine: Engine,
+                                                                                        tmp_path: Path):
+    app, session = new_app(fresh_engine, tmp_path / "h.sqlite")
+    async with app.run_test(size=(120, 30)) as pilot:
+        await type_and_send(app, pilot, "Tell me about the sea and its tides, in a few words.")
+        first = app.conversation.id
+        held = list(fresh_engine.kv_tokens)
+        await pilot.press("ctrl+n")
+        await pilot.pause(0.3)
+        assert fresh_engine.kv_tokens == []  # a new chat starts from an empty cache
+        await type_and_send(app, pilot, "Count to three.")
+        await app.open_conversation(first)
+        assert fresh_engine.kv_tokens == held  # back from disk, position for position
+        await app.chat.show_conversation()
+        await type_and_send(app, pilot, "And the moon?")
+        stats = app.history.load(first).messages[-1].stats
+        assert stats["reused_tokens"] >= len(held) - 1 and stats["prefilled_tokens"] < 40
+
+
+async def test_quitting_mid_reply_keeps_the_reply_so_far(fresh_engine: Engine, tmp_path: Path):
+    session = ChatSession(fresh_engine, SamplingParams.greedy_params(), max_tokens=2000)
+    app = ChatApp(session, history=History(tmp_path / "h.sqlite"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.query_one(PromptArea).text = "Write a very long story about a lighthouse."
+        app.query_one(PromptArea).focus()
+        await pilot.press("enter")
+        await pilot.pause(1.0)
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.5)
+    (conversation,) = History(tmp_path / "h.sqlite").conversations()
+    last = History(tmp_path / "h.sqlite").load(conversation.id).messages[-1]
+    assert last.role == "assistant" and last.status == "stopped" and len(last.content) > 20
+
+
+async def test_a_model_that_does_not_load_leaves_the_app_open_with_the_next_step(tmp_path: Path):
+    def prepare():
+        from edgellm.errors import EdgeLLMError
+
+        raise EdgeLLMError("Qwen-7B needs 5.1 GiB but 2.0 GiB is free")
+
+    app = ChatApp(prepare=prepare, history=History(tmp_path / "h.sqlite"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.5)
+        assert "could not load the model: Qwen-7B needs 5.1 GiB" in status_text(app)
+        assert app.is_running and app.query_one(PromptArea).disabled
+        await pilot.press("f2")  # the next step: pick another model
+        await pilot.pause(0.3)
+        assert app.screen.query_one("#models", DataTable).row_count >= 1
+
+
+async def test_switch_to_another_model_from_the_models_screen(fresh_engine: Engine, tmp_path: Path):
+    from tests.dev_models import dev_model
+
+    gemma = dev_model("gemma3-270m")
+    app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
+    async with app.run_test(size=(120, 30)) as pilot:
+        await pilot.press("f2")
+        await pilot.pause(0.5)
+        table = app.screen.query_one("#models", DataTable)
+        row = next(i for i in range(table.row_count) if table.get_row_at(i)[0] == "gemma3-270m")
+        table.move_cursor(row=row)
+        await pilot.press("enter")
+        for _ in range(200):
+            await pilot.pause(0.1)
+            if app.session.engine.path == gemma and not app.query_one(PromptArea).disabled:
+                break
+        assert app.session.engine.path == gemma and app.screen is app.chat
+        await type_and_send(app, pilot, "The capital of France is")
+        # a base model: its reply may end at a ChatML marker it writes as text, but it was Gemma's
+        assert app.history.load(app.conversation.id).messages[-1].stats["generated_tokens"] > 0
+        assert re.search(r"\d+ tokens · [\d.]+ t/s", status_text(app)), status_text(app)
+        assert app.history.conversations()[0].model == app.session.engine.info.name

@@ -25,6 +25,7 @@ from ..memory.pressure import default_watch
 from ..model_defaults import Defaults
 from ..models import BETTER_MODEL_PULL
 from ..options import LOOKUP_DRAFTS, Planned, planned_chat
+from ..runtime import kvfile
 from ..runtime.backend import favour_this_thread, llama_thread
 from ..runtime.engine import Engine, LoadOptions
 from ..session import ChatSession
@@ -35,6 +36,8 @@ from .screens.help import HelpScreen
 from .screens.models import ModelsScreen
 from .screens.quantize import QuantizeScreen
 from .settings import ChatSettings
+
+KV_FILES_KEPT = 8  # conversations whose KV cache stays on disk (SmolLM2: ~23 KB a token)
 
 
 class ChatApp(App[int]):
@@ -114,12 +117,10 @@ class ChatApp(App[int]):
             loaded = await loop.run_in_executor(llama_thread(), self._loader)
             engine = loaded.engine if isinstance(loaded, Loaded) else loaded
             speculator = await loop.run_in_executor(llama_thread(), speculate, engine, self.settings.draft)
-        except EdgeLLMError as e:
-            if self.session is None:  # nothing to go back to
-                self.exit(1, 1, f"edgellm: {e}")
-            else:
-                self.chat.status(f"could not load: {e}")
-                self.notify(str(e), title="model not loaded", severity="error")
+        except EdgeLLMError as e:  # the app stays: another model can be picked
+            self.chat.status(f"could not load the model: {e}")
+            self.notify(f"{e}\nF2 lists the models on this machine; pick one that fits.", title="model not loaded",
+                        severity="error", timeout=30)
             return
         self._close_session()
         self._loaded = loaded if isinstance(loaded, Loaded) else None
@@ -183,7 +184,7 @@ class ChatApp(App[int]):
         assert self.session is not None
         self.sub_title = self.session.engine.info.name
         if self.conversation is not None:
-            self.open_conversation(self.conversation.id)
+            await self.open_conversation(self.conversation.id)
         await self.chat.ready()
 
     def welcome(self) -> str:
@@ -214,13 +215,53 @@ class ChatApp(App[int]):
             self.conversation = self.history.create(model, self.settings.as_dict())
         return self.conversation
 
-    def new_conversation(self) -> None:
+    async def new_conversation(self) -> None:
+        await self.park_kv()
         self.conversation = None
+        if self.session is not None:
+            self.session.engine.reset()
         self.apply_settings(self.settings)
 
-    def open_conversation(self, conversation_id: int) -> None:
+    async def open_conversation(self, conversation_id: int) -> None:
+        if self.conversation is not None and self.conversation.id != conversation_id:
+            await self.park_kv()
         self.conversation = self.history.load(conversation_id)
         self.apply_settings(self.settings.merged(self.conversation.settings))
+        await self.restore_kv(conversation_id)
+
+    # -- each conversation's KV cache, kept on disk while another is shown ----------------------------
+    def kv_path(self, conversation_id: int) -> Path:
+        return self.history.path.parent / "kv" / f"{conversation_id}.kv"
+
+    async def park_kv(self) -> None:
+        """The shown conversation's KV cache to disk, so that coming back to it prefills nothing again."""
+        if self.session is None or self.conversation is None or not self.session.engine.kv_tokens:
+            return
+        engine, path = self.session.engine, self.kv_path(self.conversation.id)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(llama_thread(), kvfile.save, engine, 0, list(engine.kv_tokens), path)
+        except EdgeLLMError:
+            return  # it is prefilled again when the conversation comes back
+        kept = sorted(path.parent.glob("*.kv"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[KV_FILES_KEPT:]:
+            kvfile.remove(old)
+
+    async def restore_kv(self, conversation_id: int) -> None:
+        path = self.kv_path(conversation_id)
+        if self.session is None or not path.is_file():
+            return
+        engine = self.session.engine
+        loop = asyncio.get_running_loop()
+
+        def load() -> None:
+            engine.reset()
+            try:
+                engine.seq.tokens = kvfile.load(engine, 0, path, engine.n_ctx)
+            except EdgeLLMError:  # another model or other settings: the next reply prefills it
+                engine.reset()
+
+        await loop.run_in_executor(llama_thread(), load)
 
     def apply_settings(self, settings: ChatSettings) -> None:
         """A conversation's system prompt and sampling into the session; its messages after them."""
@@ -267,6 +308,7 @@ class ChatApp(App[int]):
 
     async def action_quit(self) -> None:
         await self.chat.stop_and_wait()  # the reply so far is saved, marked stopped
+        await self.park_kv()  # --resume continues without prefilling
         self.exit(0)
 
     def on_unmount(self) -> None:

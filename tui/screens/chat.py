@@ -214,7 +214,7 @@ class ChatScreen(Screen):
 
     async def action_new_chat(self) -> None:
         await self.stop_and_wait()
-        self.chat_app.new_conversation()
+        await self.chat_app.new_conversation()
         await self.show_conversation()
         self.refresh_list()
         self.status("new conversation")
@@ -275,7 +275,7 @@ class ChatScreen(Screen):
     @on(ConversationList.Picked)
     async def picked(self, event: ConversationList.Picked) -> None:
         await self.stop_and_wait()
-        self.chat_app.open_conversation(event.conversation_id)
+        await self.chat_app.open_conversation(event.conversation_id)
         await self.show_conversation()
         self.status(f"{self.chat_app.conversation.title}")
 
