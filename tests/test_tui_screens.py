@@ -236,7 +236,7 @@ async def test_a_new_chat_after_a_corrupt_database_tells_where_the_old_one_went(
 
 async def test_coming_back_to_a_conversation_restores_its_kv_cache_instead_of_prefilling(fresh_engine: Engine,
                                                                                         tmp_path: Path):
-    app, session = new_app(fresh_engine, tmp_path / "h.sqlite")
+    app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
     async with app.run_test(size=(120, 30)) as pilot:
         await type_and_send(app, pilot, "Tell me about the sea and its tides, in a few words.")
         first = app.conversation.id
