@@ -77,10 +77,10 @@ def _hub_cached(repo: str, filename: str, revision: str | None = None) -> Path |
 
 
 def _hub_cached_ggufs(repo: str) -> list[Path]:
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
     try:
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)  # read now, like the rest of huggingface-hub
     except Exception:  # no cache dir yet
         return []
     return sorted(f.file_path for r in cache.repos if r.repo_id == repo
@@ -174,10 +174,10 @@ def _candidates() -> Iterator[tuple[str, str, Path]]:
             for path in sorted(folder.rglob("*.gguf")):
                 alias = next((n for n, a in ALIASES.items() if a.file == path.name), None)
                 yield alias or path.stem, source, path
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
     try:
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)  # read now, like the rest of huggingface-hub
     except Exception:  # no cache dir yet
         return
     for repo in cache.repos:

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from textual.widgets import Button, DataTable, Input, Label, ListView
+from textual.widgets import Button, DataTable, Input, Label, ListView, Tab, Tabs
 
 from edgellm.quantize.pipeline import STAGES, Cancelled, QuantizeJob, run
 from edgellm.runtime.engine import Engine
@@ -79,6 +79,16 @@ async def test_several_chats_in_the_sidebar_switch_and_search(fresh_engine: Engi
         await type_and_send(app, pilot, "Second chat about boats.")
         chats = app.query_one("#chats", ListView)
         assert len(chats.children) == 2
+        tabs = app.query_one("#tabs", Tabs)  # both chats open side by side: a tab each
+        await pilot.pause(0.2)
+        labels = [str(t.label) for t in tabs.query(Tab)]
+        assert len(labels) == 2 and labels[0].startswith("First chat") and labels[1].startswith("Second chat")
+        tabs.action_previous_tab()  # back to the first chat, as the keyboard does
+        await pilot.pause(0.3)
+        assert [b.plain for b in app.query(Bubble)][:1] == ["First chat about apples."]
+        tabs.action_next_tab()
+        await pilot.pause(0.3)
+        assert [b.plain for b in app.query(Bubble)][:1] == ["Second chat about boats."]
         app.query_one("#search", Input).value = "apples"
         await pilot.pause(0.2)
         assert len(chats.children) == 1
@@ -306,3 +316,35 @@ async def test_switch_to_another_model_from_the_models_screen(fresh_engine: Engi
         assert app.history.load(app.conversation.id).messages[-1].stats["generated_tokens"] > 0
         assert re.search(r"\d+ tokens · [\d.]+ t/s", status_text(app)), status_text(app)
         assert app.history.conversations()[0].model == app.session.engine.info.name
+
+
+async def test_pull_from_the_models_screen_shows_progress_and_lists_the_model(fresh_engine: Engine, smollm2: Path,
+                                                                            tmp_path: Path, monkeypatch):
+    from hub_server import Hub
+
+    repo, name = "test-org/Tiny-GGUF", "tiny-q4_1.gguf"
+    with Hub({repo: {name: smollm2}}) as hub:
+        from huggingface_hub import constants
+
+        for key, value in {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+                           "HF_HUB_OFFLINE": "0"}.items():
+            monkeypatch.setenv(key, value)  # for the `edgellm pull` the screen starts
+        # and for this process, where huggingface-hub read them at import
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+        app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot.press("f2")
+            await pilot.pause(0.3)
+            app.screen.query_one("#repo", Input).value = repo
+            app.screen.query_one("#pull", Button).press()
+            for _ in range(300):
+                await pilot.pause(0.1)
+                if "pulled" in str(app.screen.query_one("#pull-status", Label).render()):
+                    break
+            assert "pulled" in str(app.screen.query_one("#pull-status", Label).render())
+            from edgellm.tui.screens.models import download_size
+
+            assert download_size(repo) == smollm2.stat().st_size  # the bar's total, from the hub's listing
+            table = app.screen.query_one("#models", DataTable)
+            assert f"{repo}:{name}" in [str(table.get_row_at(i)[0]) for i in range(table.row_count)]

@@ -17,7 +17,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header
+from textual.widgets import Footer, Header, Tab, Tabs
 
 from ...errors import EdgeLLMError
 from ...runtime.engine import Record
@@ -28,6 +28,8 @@ from ..widgets.status import memory_summary, reply_summary
 if TYPE_CHECKING:
     from ..app import ChatApp
 
+OPEN_TABS = 6  # chats open side by side (the sidebar has them all)
+TAB_CHARS = 18
 SIDEBAR_MIN_WIDTH = 120  # narrower terminals start with the sidebar hidden (Ctrl+B shows it)
 MIN_SIZE = (60, 16)
 
@@ -54,6 +56,9 @@ class ChatScreen(Screen):
         self._stop = False
         self.show_drafts = False
         self.last_record: Record | None = None
+        self.open_tabs: list[int] = []  # conversation ids, the most recently opened last
+        self._tabs_shown: list[tuple[str, str]] = []
+        self._tabs_settling: str | None = None  # the tab a rebuild is about to activate
 
     @property
     def chat_app(self) -> ChatApp:
@@ -64,6 +69,7 @@ class ChatScreen(Screen):
         with Horizontal(id="body"):
             yield ConversationList(id="sidebar")
             with Vertical(id="main"):
+                yield Tabs(id="tabs")
                 yield VerticalScroll(id="conversation")
                 yield StatusBar("loading the model…", id="status")
                 yield PromptArea(id="prompt", disabled=True)
@@ -78,7 +84,41 @@ class ChatScreen(Screen):
     def refresh_list(self, search: str = "") -> None:
         app = self.chat_app
         current = app.conversation.id if app.conversation else None
-        self.query_one(ConversationList).show(app.history.conversations(search), current)
+        conversations = app.history.conversations(search)
+        self.query_one(ConversationList).show(conversations, current)
+        if current is not None and current not in self.open_tabs:
+            self.open_tabs = [*self.open_tabs, current][-OPEN_TABS:]
+        self.call_later(self.sync_tabs, {c.id: c.title for c in app.history.conversations()}, current)
+
+    async def sync_tabs(self, titles: dict[int, str], current: int | None) -> None:
+        """One tab per open chat; switching tabs switches chats (each keeps its KV cache)."""
+        tabs = self.query_one("#tabs", Tabs)
+        self.open_tabs = [i for i in self.open_tabs if i in titles]
+        wanted = [(f"c{i}", titles[i][:TAB_CHARS]) for i in self.open_tabs]
+        target = f"c{current}" if current is not None else None
+        if wanted != self._tabs_shown:
+            # rebuilding activates tabs on its own: those events are not the user's picks
+            self._tabs_settling = target
+            await tabs.clear()
+            for tab_id, label in wanted:
+                await tabs.add_tab(Tab(label, id=tab_id))
+            self._tabs_shown = wanted
+        tabs.display = len(wanted) > 1
+        if target is not None and tabs.active != target:
+            self._tabs_settling = target
+            tabs.active = target
+
+    @on(Tabs.TabActivated, "#tabs")
+    async def tab_picked(self, event: Tabs.TabActivated) -> None:
+        picked = event.tab.id if event.tab is not None else None
+        if self._tabs_settling is not None:
+            if picked == self._tabs_settling:
+                self._tabs_settling = None
+            return
+        app = self.chat_app
+        if picked is None or (app.conversation is not None and f"c{app.conversation.id}" == picked):
+            return
+        await self.open(int(picked[1:]))
 
     async def show_conversation(self) -> None:
         """The current conversation's messages (or the welcome notice of a new chat)."""
@@ -274,9 +314,13 @@ class ChatScreen(Screen):
 
     @on(ConversationList.Picked)
     async def picked(self, event: ConversationList.Picked) -> None:
+        await self.open(event.conversation_id)
+
+    async def open(self, conversation_id: int) -> None:
         await self.stop_and_wait()
-        await self.chat_app.open_conversation(event.conversation_id)
+        await self.chat_app.open_conversation(conversation_id)
         await self.show_conversation()
+        self.refresh_list()
         self.status(f"{self.chat_app.conversation.title}")
 
     @on(ConversationList.Searched)

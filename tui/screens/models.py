@@ -188,6 +188,9 @@ class ModelsScreen(Screen):
         bar.display, bar.total = True, None
         self.query_one("#cancel-pull", Button).disabled = False
         status.update(f"pulling {repo}…")
+        loop = asyncio.get_running_loop()
+        total = await loop.run_in_executor(None, download_size, repo)
+        bar.total = total
         self._pull = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "edgellm.cli", "pull", repo, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -199,7 +202,9 @@ class ModelsScreen(Screen):
                 except TimeoutError:
                     written = downloading_bytes()
                     if written:
-                        status.update(f"pulling {repo}: {written / MIB:,.1f} MiB")
+                        bar.update(progress=written)
+                        of = f" of {total / MIB:,.1f}" if total else ""
+                        status.update(f"pulling {repo}: {written / MIB:,.1f}{of} MiB")
             out, err = await self._pull.communicate()
             if self._pull.returncode == 0:
                 status.update(f"pulled: {out.decode().strip().splitlines()[-1] if out.strip() else repo}")
@@ -218,6 +223,23 @@ class ModelsScreen(Screen):
     def cancel_pull(self) -> None:
         if self._pull is not None and self._pull.returncode is None:
             self._pull.kill()
+
+
+def download_size(repo: str) -> int | None:
+    """Bytes of the GGUF `edgellm pull REPO` picks (None when the hub does not say: the bar then just moves)."""
+    from huggingface_hub import HfApi
+
+    from ...models import _pick_gguf, hub_errors, looks_like_repo
+
+    if not looks_like_repo(repo):
+        return None
+    try:
+        with hub_errors(repo):
+            sizes = {f.path: getattr(f, "size", None) for f in HfApi().list_repo_tree(repo, recursive=True)}
+        size = sizes.get(_pick_gguf(list(sizes)))
+        return int(size) if size else None
+    except (EdgeLLMError, ValueError):
+        return None  # the pull itself reports what went wrong
 
 
 def downloading_bytes() -> int:
