@@ -143,3 +143,24 @@ def test_generation_stops_when_context_is_full(smollm2):
         records = list(small.generate(prompt, sampling=GREEDY, max_tokens=500, ignore_eog=True))
         assert records[-1].finish_reason == "context"  # the status line says "context full", not "token limit"
         assert len(small.kv_tokens) == small.n_ctx
+
+
+@pytest.mark.parametrize(("source", "why"), [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe|not safely|attribute"),
+    ("{{ cycler.__init__.__globals__ }}", "unsafe|not safely|attribute|undefined"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took over"),
+    ("{{ 'a' * 1000000000 }}", "builds a value"),
+    ("{% for i in range(100000) %}{{ 'x' * 90 }}{% endfor %}", "passed"),
+    ("{{ 10 ** 100000000 }}", "huge power"),
+])
+def test_hostile_templates_fail_cleanly_within_limits(source: str, why: str):
+    import re
+    import time
+
+    from edgellm import chat_template
+
+    t0 = time.monotonic()
+    with pytest.raises(EdgeLLMError, match="chat template failed") as failed:
+        chat_template.render(source, [{"role": "user", "content": "x"}])
+    assert re.search(why, str(failed.value)), failed.value
+    assert time.monotonic() - t0 < chat_template.RENDER_SECONDS + 1.0
