@@ -52,6 +52,11 @@ def models_dir() -> Path:
     return Path(os.environ.get("EDGELLM_MODELS") or Path(user_data_dir("edgellm")) / "models")
 
 
+def data_dir() -> Path:
+    """Chat history, the model manifest, parked KV caches (created 0700: conversations are private)."""
+    return Path(os.environ.get("EDGELLM_DATA") or user_data_dir("edgellm"))
+
+
 def dev_models_dir() -> Path:
     """Where ../shared/dev-models/fetch.py puts the development models."""
     return Path(os.environ.get("EDGELLM_DEV_MODELS", "~/.cache/edgellm-dev-models")).expanduser()
@@ -317,6 +322,9 @@ def pull(repo: str, filename: str | None = None, revision: str | None = None) ->
             filename = _pick_gguf(HfApi().list_repo_files(repo, revision=revision))
         path = Path(hf_hub_download(repo, filename, revision=revision))
     read_info(path)  # a download that is not a valid GGUF is reported now, not at load time
+    from .integrity import record
+
+    record(path, f"pull {repo}" + (f" {filename}" if filename else ""))
     return path
 
 

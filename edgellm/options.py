@@ -116,6 +116,9 @@ def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> P
     from .memory.plan import make_plan
 
     load_options(a)  # the checks on the flags as given
+    from .integrity import check_size
+
+    check_size(info.path)  # a recorded model that changed size is refused before llama.cpp reads it
     spec = getattr(a, "draft", "off")
     request = PlanRequest(n_ctx=a.ctx, parallel=parallel, kv_type=a.kv_type, draft=draft_model_path(info, spec),
                           speculative=spec != "off", tree=spec == "tree", n_gpu_layers=a.gpu_layers,

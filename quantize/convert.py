@@ -59,6 +59,9 @@ def load_config(model_dir: Path) -> tuple[dict, Arch]:
     return config, ARCHS[names[0]]
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load / pickle formats: code, not data
+
+
 def safetensor_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
@@ -66,8 +69,10 @@ def safetensor_files(model_dir: Path) -> list[Path]:
         return [model_dir / f for f in files]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
-        hint = f" (found {', '.join(pickles)}: pickles are never loaded)" if pickles else ""
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = (f" (found {', '.join(pickles)}: pickles are never loaded, since loading one runs its code; "
+                "use the repo's .safetensors files, or convert with safetensors' convert.py on a machine you "
+                "trust)") if pickles else ""
         raise EdgeLLMError(f"{model_dir} has no .safetensors weights{hint}")
     return files
 

@@ -89,7 +89,7 @@ def check(job: QuantizeJob) -> None:
     config, _ = load_config(job.source)
     if job.out.exists() and not job.force:
         raise EdgeLLMError(f"{job.out} exists; pass --force to overwrite it")
-    job.out.parent.mkdir(parents=True, exist_ok=True)
+    job.out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     weights = sum(f.stat().st_size for f in safetensor_files(job.source) if f.exists())
     dtype_bytes = {"float32": 4}.get(config.get("torch_dtype"), 2)
     need = weights * 2 // dtype_bytes + weights // 2  # the F16 intermediate, then the quantized file
@@ -100,10 +100,18 @@ def check(job: QuantizeJob) -> None:
 
 
 def run(job: QuantizeJob, progress: Progress | None = None, cancel: threading.Event | None = None) -> QuantizeResult:
+    """Quantize; the result is recorded in the model manifest (integrity.py) with its sha256."""
+    check(job)
+    result = _run(job, progress, cancel)
+    from ..integrity import record
+
+    record(result.out, f"quantize {job.source.name} {result.qtype}")
+    return result
+
+
+def _run(job: QuantizeJob, progress: Progress | None, cancel: threading.Event | None) -> QuantizeResult:
     from .convert import convert
     from .quantize import CONVERT_ONLY
-
-    check(job)
 
     def report(stage: str, done: int | None = None, total: int | None = None) -> None:
         if cancel is not None and cancel.is_set():

@@ -180,15 +180,16 @@ def broken(tmp_path: Path, smol_hf: Path, case: str) -> Path:
         (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     elif case == "no-tokenizer":
         (folder / "tokenizer.json").unlink()
-    elif case == "pickle-only":
-        (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    elif case.startswith("pickle-only"):
+        (folder / "model.safetensors").rename(folder / f"pytorch_model{case.removeprefix('pickle-only')}")
     return folder
 
 
 @pytest.mark.parametrize(("case", "message"), [
     ("no-config", "no config.json"), ("unknown-arch", "unsupported architecture 'MambaForCausalLM'; supported"),
     ("corrupt-header", "not a valid safetensors file"), ("bad-shape", "config.json implies"),
-    ("no-tokenizer", "no tokenizer.json"), ("pickle-only", "pickles are never loaded"),
+    ("no-tokenizer", "no tokenizer.json"), ("pickle-only.bin", "pickles are never loaded"),
+    ("pickle-only.pth", "use the repo's .safetensors"), ("pickle-only.ckpt", "pytorch_model.ckpt: pickles"),
 ])
 def test_bad_checkpoints_give_one_line_and_no_file(cli, tmp_path: Path, smol_hf: Path, case: str, message: str):
     folder = broken(tmp_path, smol_hf, case)

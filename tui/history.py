@@ -9,14 +9,13 @@ another file) is moved aside with its name kept in `History.moved_aside`, and a 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from platformdirs import user_data_dir
+from ..models import data_dir
 
 BUSY_TIMEOUT_MS = 5000
 TITLE_CHARS = 48
@@ -46,7 +45,7 @@ MIGRATIONS: Sequence[str] = (
 
 
 def default_path() -> Path:
-    return Path(os.environ.get("EDGELLM_DATA") or user_data_dir("edgellm")) / "history.sqlite"
+    return data_dir() / "history.sqlite"
 
 
 @dataclass

@@ -20,10 +20,28 @@ def needs_bytes(info: ModelInfo) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["verify"],
+                   help="verify: check every model pull or quantize recorded against its sha256")
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
+def verify(as_json: bool) -> int:
+    from ..integrity import manifest_path
+    from ..integrity import verify as check_all
+
+    checks = check_all()
+    if as_json:
+        print(json.dumps([{"path": str(c.path), "status": c.status, "detail": c.detail} for c in checks], indent=2))
+    elif not checks:
+        print(f"no recorded models ({manifest_path()}); `edgellm pull` and `edgellm quantize` record theirs")
+    for c in checks if not as_json else ():
+        print(f"{c.status:<8} {c.path}" + (f"  ({c.detail})" if c.detail else ""))
+    return 0 if all(c.status == "ok" for c in checks) else 1
+
+
 def main(a: argparse.Namespace) -> int:
+    if a.action == "verify":
+        return verify(a.json)
     found = list_local()
     if a.json:
         print(json.dumps([
