@@ -10,6 +10,7 @@ llama-quantize reads (`<name>.in_sum2`, `<name>.counts`, `imatrix.*` keys) and h
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,9 @@ class ImportanceMatrix:
         return {name: (s / max(1, self.counts[name])).astype(np.float32) for name, s in self.sums.items()}
 
     def save(self, path: Path) -> Path:
-        writer = gguf.GGUFWriter(path, arch="imatrix")
+        """Written under a temporary name and renamed: a killed run never leaves half a matrix."""
+        tmp = path.with_name(f".{path.name}.partial")
+        writer = gguf.GGUFWriter(tmp, arch="imatrix")
         writer.add_type("imatrix")
         writer.add_array("imatrix.datasets", [self.dataset])
         writer.add_uint32("imatrix.chunk_count", self.chunks)
@@ -70,6 +73,7 @@ class ImportanceMatrix:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.replace(tmp, path)
         return path
 
     @classmethod

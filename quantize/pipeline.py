@@ -102,6 +102,8 @@ def check(job: QuantizeJob) -> None:
 def run(job: QuantizeJob, progress: Progress | None = None, cancel: threading.Event | None = None) -> QuantizeResult:
     """Quantize; the result is recorded in the model manifest (integrity.py) with its sha256."""
     check(job)
+    for stale in temporaries(job.out):  # left by a run that was killed (kill -9, power loss)
+        stale.unlink(missing_ok=True)
     result = _run(job, progress, cancel)
     from ..integrity import record
 
@@ -189,6 +191,15 @@ def _quantize(job: QuantizeJob, intermediate: Path, report, tick) -> QuantizeRes
         job.out.unlink(missing_ok=True)
         raise
     return QuantizeResult(job.out, qtype, quality, mix_text)
+
+
+def temporaries(out: Path) -> list[Path]:
+    """Every file a run for `out` writes under a temporary name before renaming (or deleting) it."""
+    f16 = out.with_name(f".{out.stem}.f16.gguf")
+    imatrix = out.with_name(f"{out.stem}.imatrix")
+    names = [out.with_name(f".{out.name}.partial"), f16, f16.with_name(f".{f16.name}.partial"),
+             imatrix.with_name(f".{imatrix.name}.partial")]
+    return [p for p in names if p.exists()]
 
 
 def report_against_f16(src: Path, out: Path, threads: int | None):

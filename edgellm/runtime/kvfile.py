@@ -61,13 +61,16 @@ def save(engine: Engine, seq_id: int, tokens: list[int], path: Path) -> None:
         raise EdgeLLMError(f"could not save KV sequence {seq_id} to {path}")
     note = path.with_name(path.name + ".json")
     note_tmp = note.with_name(note.name + ".partial")
-    note_tmp.write_text(json.dumps({**settings(engine), "n_tokens": len(tokens)}))
+    # the size too: llama.cpp aborts the process on a file cut short, so a short one never reaches it
+    note_tmp.write_text(json.dumps({**settings(engine), "n_tokens": len(tokens), "bytes": tmp.stat().st_size}))
     os.replace(tmp, path)
     os.replace(note_tmp, note)
 
 
 def load(engine: Engine, seq_id: int, path: Path, capacity: int) -> list[int]:
     """Restore a saved sequence into `seq_id`; EdgeLLMError (nothing loaded) when it does not fit."""
+    if not path.is_file():
+        raise EdgeLLMError(f"{path} does not exist (a save that never finished leaves only its .partial)")
     note = path.with_name(path.name + ".json")
     try:
         saved = json.loads(note.read_text())
@@ -77,6 +80,9 @@ def load(engine: Engine, seq_id: int, path: Path, capacity: int) -> list[int]:
     wrong = [k for k in mine if saved.get(k) != mine[k]]
     if wrong:
         raise EdgeLLMError(f"{path} was saved with another {', '.join(wrong)}; not loaded")
+    if saved.get("bytes") != path.stat().st_size:
+        raise EdgeLLMError(f"{path} is {path.stat().st_size:,} bytes, not the {saved.get('bytes')} it was saved "
+                           "with (cut short or changed); not loaded")
     if int(saved.get("n_tokens", capacity + 1)) > capacity:
         raise EdgeLLMError(f"{path} holds more tokens than a slot; not loaded")
     tokens = (C.llama_token * capacity)()

@@ -44,6 +44,14 @@ class Terminal:
             fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
             os.execvpe(argv[0], list(argv), full_env)
 
+    def process_id(self) -> int:
+        """The program's pid (under tmux: the pane's; `env` execs the program in its place)."""
+        if self.backend == "tmux":
+            out = subprocess.run(["tmux", "list-panes", "-t", self.name, "-F", "#{pane_pid}"], capture_output=True,
+                                 text=True, check=True)
+            return int(out.stdout.split()[0])
+        return self.pid
+
     def type(self, text: str) -> None:
         if self.backend == "tmux":
             subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)

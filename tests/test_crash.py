@@ -1,0 +1,100 @@
+"""kill -9 in the middle of the work that writes files, with real processes: nothing half-written is
+ever taken for whole, and the next run cleans up after the killed one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime import kvfile
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.tui.history import History
+from tests.support.terminal import Terminal
+from tests.test_quantize import tiny_checkpoint
+
+
+def wait_until(predicate, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_quantize_killed_leaves_nothing_under_the_output_name_and_the_next_run_cleans_up(tmp_path: Path,
+                                                                                       smol_hf: Path):
+    folder = tiny_checkpoint(tmp_path / "Tiny", "LlamaForCausalLM", smol_hf)
+    out = tmp_path / "out" / "Tiny-Q4_0.gguf"
+    args = [sys.executable, "-m", "edgellm.cli", "quantize", str(folder), "--type", "Q4_0", "-o", str(out),
+            "--imatrix-chunks", "8"]
+    env = {**os.environ, "EDGELLM_DATA": str(tmp_path / "data")}
+    killed = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    intermediate = out.with_name(f".{out.stem}.f16.gguf")
+    wait_until(lambda: intermediate.exists() or killed.poll() is not None, what="the F16 intermediate")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not out.exists()  # nothing under the output name, whatever step it was in
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert left and all(name.startswith(".") for name in left), left  # only temporaries were left
+
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["Tiny-Q4_0.gguf", "Tiny-Q4_0.imatrix"]
+
+
+def test_chat_killed_mid_reply_keeps_every_completed_message(tmp_path: Path, no_local_models: dict[str, str]):
+    data = tmp_path / "data"
+    term = Terminal([sys.executable, "-m", "edgellm.cli", "chat", "--temp", "0", "-n", "2000"],
+                    {**no_local_models, "EDGELLM_DATA": str(data)}, f"edgellm-crash-{os.getpid()}")
+    try:
+        term.wait_for(lambda s: "ready" in s)
+        term.type("Say hello.")
+        term.key("Enter")
+        term.wait_for(lambda s: "t/s" in s)
+        term.type("Write a very long story about the sea.")
+        term.key("Enter")
+        term.wait_for(lambda s: "thinking" in s)  # the status line says so until the reply ends
+        time.sleep(0.5)
+        assert "thinking" in term.text()  # still mid-reply
+        os.kill(term.process_id(), signal.SIGKILL)
+        time.sleep(0.5)
+    finally:
+        term.close()
+    history = History(data / "history.sqlite")  # opens cleanly: WAL recovery, no corruption
+    assert history.moved_aside is None
+    assert history.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    (conversation,) = history.conversations()
+    messages = history.load(conversation.id).messages
+    assert [m.role for m in messages[:3]] == ["user", "assistant", "user"]
+    assert messages[2].content == "Write a very long story about the sea."
+    assert messages[1].status == "complete" and messages[1].content.strip()
+
+
+def test_a_half_written_kv_file_is_never_loaded(tmp_path: Path, smollm2: Path):
+    with Engine(smollm2, LoadOptions(n_ctx=1024, n_threads=2)) as engine:
+        tokens = engine.tokenize("The sea is calm tonight, and the light goes round.")
+        list(engine.generate(tokens, max_tokens=1))
+        path = tmp_path / "chat.kv"
+        held = list(engine.kv_tokens)
+        kvfile.save(engine, 0, held, path)
+        whole = path.read_bytes()
+        path.write_bytes(whole[:len(whole) // 2])  # a copy cut short (the note says it is whole)
+        engine.reset()
+        with pytest.raises(EdgeLLMError, match="cut short"):  # refused before llama.cpp (it aborts on one)
+            kvfile.load(engine, 0, path, engine.n_ctx)
+        assert engine.kv_tokens == []
+        # killed while saving: only a .partial exists, and nothing takes it for a saved sequence
+        path.unlink()
+        path.with_name(path.name + ".partial").write_bytes(whole)
+        with pytest.raises(EdgeLLMError, match="does not exist"):
+            kvfile.load(engine, 0, path, engine.n_ctx)
+        path.write_bytes(whole)  # whole again: it loads and continues exactly where it was
+        assert kvfile.load(engine, 0, path, engine.n_ctx) == held
