@@ -227,14 +227,16 @@ def default_model() -> DefaultModel:
     return DefaultModel(resolve(DEFAULT_MODEL), DEFAULT_MODEL, True)
 
 
-def find_draft(target: ModelInfo) -> LocalModel | None:
-    """A local model that can draft for `target`: the same vocabulary (digest of its pieces) and at most
-    half the parameters; the largest such (it drafts best). None when there is none."""
+def find_draft(target: ModelInfo, n_ctx: int = 0) -> LocalModel | None:
+    """A local model that can draft for `target`: the same vocabulary (digest of its pieces), at most half
+    the parameters, and trained for the `n_ctx` the target will use (a draft must follow the whole
+    context); the largest such (it drafts best). None when there is none."""
     digest = target.vocab_digest
     if not digest:
         return None
     fits = [m for m in list_local() if m.info is not None and m.info.vocab_digest == digest
-            and 2 * m.info.n_params <= target.n_params and m.path.resolve() != target.path.resolve()]
+            and 2 * m.info.n_params <= target.n_params and m.path.resolve() != target.path.resolve()
+            and (m.info.n_ctx_train or 0) >= n_ctx]
     return max(fits, key=lambda m: m.info.n_params, default=None)
 
 

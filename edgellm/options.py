@@ -62,15 +62,16 @@ def load_options(a: argparse.Namespace) -> LoadOptions:
 LOOKUP_DRAFTS = ("off", "ngram", "edit", "lookup", "tree")  # --draft values that load no draft model
 
 
-def draft_model_path(target: ModelInfo, spec: str) -> str | None:
+def draft_model_path(target: ModelInfo, spec: str, n_ctx: int | None = None) -> str | None:
     """The draft model a --draft choice loads: none for lookup drafts, a local model of the target's
-    vocabulary for auto."""
+    vocabulary, trained for the context in use, for auto."""
+    from .memory.plan import DEFAULT_CTX
     from .models import find_draft, resolve
 
     if spec in LOOKUP_DRAFTS:
         return None
     if spec == "auto":
-        found = find_draft(target)
+        found = find_draft(target, n_ctx or min(target.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX))
         return str(found.path) if found else None
     return str(resolve(spec))
 
@@ -120,7 +121,7 @@ def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> P
 
     check_size(info.path)  # a recorded model that changed size is refused before llama.cpp reads it
     spec = getattr(a, "draft", "off")
-    request = PlanRequest(n_ctx=a.ctx, parallel=parallel, kv_type=a.kv_type, draft=draft_model_path(info, spec),
+    request = PlanRequest(n_ctx=a.ctx, parallel=parallel, kv_type=a.kv_type, draft=draft_model_path(info, spec, a.ctx),
                           speculative=spec != "off", tree=spec == "tree", n_gpu_layers=a.gpu_layers,
                           n_batch=a.batch)
     plan = make_plan(info, request)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import gguf
@@ -20,7 +21,7 @@ import numpy as np
 
 from edgellm.runtime.engine import Engine, LoadOptions
 
-CALIBRATION = Path(__file__).resolve().parent.parent / "assets" / "calibration.txt"
+CALIBRATION = resources.files("edgellm.assets").joinpath("calibration.txt")  # package data: works from a wheel
 GGML_OP_MUL_MAT = 29  # enum ggml_op in the vendored ggml.h
 GGML_TYPE_F32 = 0
 

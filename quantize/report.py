@@ -9,6 +9,7 @@ how often both pick the same top token, the file size and bits per weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from edgellm.gguf_info import read_info
 from edgellm.runtime.engine import Engine, LoadOptions
 
-HELDOUT = Path(__file__).resolve().parent.parent / "assets" / "heldout.txt"
+HELDOUT = resources.files("edgellm.assets").joinpath("heldout.txt")  # package data: works from a wheel
 
 
 @dataclass

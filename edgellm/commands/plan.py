@@ -32,7 +32,7 @@ def main(a: argparse.Namespace) -> int:
     from ..gguf_info import read_info
 
     info = read_info(resolve(a.model) if a.model else default_model().path)
-    req = PlanRequest(n_ctx=a.ctx, parallel=a.parallel, kv_type=a.kv_type, draft=draft_model_path(info, a.draft),
+    req = PlanRequest(n_ctx=a.ctx, parallel=a.parallel, kv_type=a.kv_type, draft=draft_model_path(info, a.draft, a.ctx),
                       speculative=a.draft != "off", n_gpu_layers=a.gpu_layers,
                       ram=parse_size(a.ram) if a.ram else None, vram=parse_size(a.vram) if a.vram else None,
                       dry_run=not a.estimate)

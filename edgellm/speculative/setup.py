@@ -94,7 +94,7 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32,
         return Speculator(EditAwareLookup(), policy, tree_width=TREE_WIDTH, target=target, watch=watch)
     elif spec == "auto":
         drafter = EditAwareLookup()
-        found = find_draft(target.info)  # a local model with the target's vocabulary, half its size or less
+        found = find_draft(target.info, target.n_ctx)  # the target's vocabulary, half its size or less
         if found is not None:
             draft_engine = _draft_engine(target, str(found.path), draft_gpu_layers)
             drafter = Combined(drafter, DraftModel(draft_engine))
