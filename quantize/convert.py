@@ -49,10 +49,12 @@ def load_config(model_dir: Path) -> tuple[dict, Arch]:
         config = json.loads(path.read_text())
     except ValueError as e:
         raise EdgeLLMError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise EdgeLLMError(f"{path} is not a JSON object (it holds a {type(config).__name__})")
     names = config.get("architectures") or []
-    if not names or names[0] not in ARCHS:
-        raise EdgeLLMError(f"unsupported architecture {names[0] if names else 'none'!r}; "
-                           f"supported: {supported()}")
+    if not isinstance(names, list) or not names or not isinstance(names[0], str) or names[0] not in ARCHS:
+        shown = names[0] if isinstance(names, list) and names else names or "none"
+        raise EdgeLLMError(f"unsupported architecture {shown!r}; supported: {supported()}")
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         if not isinstance(config.get(key), int) or config[key] <= 0:
             raise EdgeLLMError(f"{path}: {key} is missing or not a positive integer")
