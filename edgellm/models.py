@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -314,20 +315,58 @@ def pull(repo: str, filename: str | None = None, revision: str | None = None) ->
     if not looks_like_repo(repo):
         raise EdgeLLMError(f"{repo!r} is not a Hugging Face repo id (owner/name)")
     with hub_errors(repo, filename, revision):
+        if filename is None and constants.HF_HUB_OFFLINE:
+            cached = _hub_cached_ggufs(repo)
+            if cached:
+                return cached[0]
+            raise EdgeLLMError(f"offline (HF_HUB_OFFLINE=1) and {repo} is not cached; "
+                               "connect or unset HF_HUB_OFFLINE")
+        _remove_stale_downloads(repo)
+        commit = None
+        if not constants.HF_HUB_OFFLINE:  # the listing and the file from one commit, even if the repo moves
+            commit = HfApi().model_info(repo, revision=revision or "main").sha
         if filename is None:
-            if constants.HF_HUB_OFFLINE:
-                cached = _hub_cached_ggufs(repo)
-                if cached:
-                    return cached[0]
-                raise EdgeLLMError(f"offline (HF_HUB_OFFLINE=1) and {repo} is not cached; "
-                                   "connect or unset HF_HUB_OFFLINE")
-            filename = _pick_gguf(HfApi().list_repo_files(repo, revision=revision))
-        path = Path(hf_hub_download(repo, filename, revision=revision))
+            filename = _pick_gguf(HfApi().list_repo_files(repo, revision=commit or revision))
+        path = Path(hf_hub_download(repo, filename, revision=commit or revision))
+        if commit:
+            _cache_ref(repo, revision or "main", commit)
     read_info(path)  # a download that is not a valid GGUF is reported now, not at load time
     from .integrity import record
 
     record(path, f"pull {repo}" + (f" {filename}" if filename else ""))
     return path
+
+
+STALE_DOWNLOAD_S = 60  # a temporary download file untouched this long belongs to a process that died
+
+
+def _remove_stale_downloads(repo: str) -> None:
+    """huggingface-hub (2.x) downloads to a per-process `<etag>.<id>.incomplete` file and does not resume
+    another process's: one killed mid-download leaves its file behind for good. Remove those (not the
+    files of a download still running: they are written to every few milliseconds)."""
+    import time
+
+    from huggingface_hub import constants
+
+    blobs = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "blobs"
+    for stale in blobs.glob("*.incomplete") if blobs.is_dir() else ():
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_DOWNLOAD_S:
+                stale.unlink()
+
+
+def _cache_ref(repo: str, revision: str, commit: str) -> None:
+    """What huggingface-hub writes when it resolves a branch itself (refs/<branch> holds the commit), so
+    that an offline `pull`/`run` of the branch finds the file downloaded at its commit."""
+    from huggingface_hub import constants
+
+    if revision == commit:
+        return
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".{ref.name}.partial")
+    tmp.write_text(commit)
+    os.replace(tmp, ref)
 
 
 def snapshot(repo: str, revision: str | None, patterns: list[str]) -> Path:

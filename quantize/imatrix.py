@@ -21,6 +21,8 @@ import numpy as np
 
 from edgellm.runtime.engine import Engine, LoadOptions
 
+from ..errors import EdgeLLMError
+
 CALIBRATION = resources.files("edgellm.assets").joinpath("calibration.txt")  # package data: works from a wheel
 GGML_OP_MUL_MAT = 29  # enum ggml_op in the vendored ggml.h
 GGML_TYPE_F32 = 0
@@ -121,6 +123,9 @@ def compute(model: Path, text: str | None = None, n_ctx: int = 512, max_chunks: 
     options = LoadOptions(n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads, eval_callback=collect)
     with Engine(model, options) as engine:
         tokens = engine.tokenize(text, add_special=False)
+        if len(tokens) < n_ctx:
+            raise EdgeLLMError(f"the calibration text ({dataset}) is {len(tokens)} tokens; the importance matrix "
+                               f"needs at least {n_ctx} (one chunk): give a longer --calibration file")
         bos = C.llama_vocab_bos(engine.vocab)
         for start in range(0, len(tokens) - n_ctx + 1, n_ctx):
             if max_chunks is not None and im.chunks >= max_chunks:
@@ -134,7 +139,7 @@ def compute(model: Path, text: str | None = None, n_ctx: int = 512, max_chunks: 
             engine.decode(chunk, all_logits=True)
             im.chunks += 1
     if not im.sums:
-        raise ValueError(f"the calibration text gave no activations (needs at least {n_ctx} tokens)")
+        raise EdgeLLMError(f"the calibration text ({dataset}) gave no activations (needs at least {n_ctx} tokens)")
     return im
 
 

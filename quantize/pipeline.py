@@ -81,6 +81,13 @@ def check(job: QuantizeJob) -> None:
     from .quantize import check_type, tensor_type
 
     check_type(job.qtype.upper(), not job.no_imatrix)
+    if job.calibration is not None:
+        if not job.calibration.is_file():
+            raise EdgeLLMError(f"calibration file {job.calibration} not found")
+        try:
+            job.calibration.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise EdgeLLMError(f"calibration file {job.calibration} is not UTF-8 text (byte {e.start})") from None
     for name in (job.output_type, job.embedding_type, *job.tensor_types.values()):
         if name:
             tensor_type(name)

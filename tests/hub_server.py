@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,8 +18,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class Hub:
-    def __init__(self, repos: dict[str, dict[str, Path]]) -> None:
+    def __init__(self, repos: dict[str, dict[str, Path]], block_delay_s: float = 0.0) -> None:
         self.repos = repos  # repo id -> {file name in repo: local file}
+        self.block_delay_s = block_delay_s  # a pause after each MiB of a file: a slow link, to kill a pull mid-way
         self.requests: list[str] = []
         self._etags: dict[Path, str] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -59,7 +61,8 @@ class Hub:
                     self.wfile.write(body)
 
             def _route(self, head: bool) -> None:
-                hub.requests.append(f"{self.command} {self.path}")
+                ranged = f" Range:{self.headers['Range']}" if self.headers.get("Range") else ""
+                hub.requests.append(f"{self.command} {self.path}{ranged}")
                 path = self.path.split("?", 1)[0]
                 if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path):
                     return self._tree(m[1], m[2])
@@ -127,6 +130,8 @@ class Hub:
                     f.seek(start)
                     while block := f.read(1 << 20):
                         self.wfile.write(block)
+                        if hub.block_delay_s:
+                            time.sleep(hub.block_delay_s)
 
             def do_HEAD(self) -> None:
                 self._route(head=True)

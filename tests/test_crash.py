@@ -98,3 +98,32 @@ def test_a_half_written_kv_file_is_never_loaded(tmp_path: Path, smollm2: Path):
             kvfile.load(engine, 0, path, engine.n_ctx)
         path.write_bytes(whole)  # whole again: it loads and continues exactly where it was
         assert kvfile.load(engine, 0, path, engine.n_ctx) == held
+
+
+def test_a_pull_killed_mid_download_leaves_nothing_that_looks_downloaded_and_the_next_completes(
+        tmp_path: Path, smollm2: Path):
+    """huggingface-hub 2.x does not resume another process's download (a per-process temporary file, by
+    design since its PR #4228): the next pull starts over, and removes the killed one's leftover."""
+    from hub_server import Hub
+
+    repo, name = "test-org/Slow-GGUF", "slow-q4_1.gguf"
+    with Hub({repo: {name: smollm2}}, block_delay_s=0.05) as hub:  # ~20 MiB/s
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_OFFLINE": "0", "EDGELLM_DATA": str(tmp_path / "data")}
+        args = [sys.executable, "-m", "edgellm.cli", "pull", repo, "--file", name]
+        killed = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        blobs = tmp_path / "hf" / "hub" / f"models--{repo.replace('/', '--')}" / "blobs"
+        partial = lambda: [p for p in blobs.glob("*.incomplete") if p.stat().st_size > 16 << 20]  # noqa: E731
+        wait_until(lambda: blobs.is_dir() and bool(partial()), what="16 MiB of the download")
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        (leftover,) = partial()
+        assert not list((blobs.parent / "snapshots").rglob(name))  # nothing looks downloaded
+        stale = time.time() - 120
+        os.utime(leftover, (stale, stale))  # two minutes later
+        hub.block_delay_s = 0.0
+        again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr
+        path = Path(again.stdout.strip().rsplit(" -> ", 1)[1])
+        assert path.read_bytes() == smollm2.read_bytes()
+        assert not leftover.exists() and not list(blobs.glob("*.incomplete"))

@@ -70,3 +70,13 @@ def test_offline_and_not_cached_says_so(cli, hf_env: dict[str, str]):
 def test_run_on_a_repo_that_is_not_cached_says_pull(cli, hf_env: dict[str, str]):
     result = cli("run", "someone/other-GGUF", "hi", env={**hf_env, "HF_HUB_OFFLINE": "1"})
     assert result.returncode != 0 and "edgellm pull someone/other-GGUF" in result.stderr
+
+
+def test_pull_downloads_the_listing_and_the_file_at_one_resolved_commit(cli, hub: Hub, hf_env: dict[str, str]):
+    from hub_server import COMMIT
+
+    pulled = cli("pull", REPO, env=hf_env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"/snapshots/{COMMIT}/" in pulled.stdout
+    gets = [r for r in hub.requests if "/tree/" in r or "/resolve/" in r]
+    assert gets and all(COMMIT in r for r in gets), gets  # no request asked for "main" after resolving it

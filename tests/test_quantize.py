@@ -597,3 +597,21 @@ def test_auto_draft_is_a_local_model_with_the_same_vocabulary(tmp_path: Path, sm
             assert speculator.draft_engine is not None and speculator.draft_engine.path == tiny
         finally:
             speculator.close()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"A few words only.", "needs at least 512 (one chunk)"),
+    (b"\xff\xfe not text", "is not UTF-8 text"),
+    (None, "not found"),
+])
+def test_a_bad_calibration_file_is_refused_in_one_line(cli, tmp_path: Path, smol_hf: Path, content, message: str):
+    folder = tiny_checkpoint(tmp_path / "Tiny", "LlamaForCausalLM", smol_hf)
+    calibration = tmp_path / "calibration.txt"
+    if content is not None:
+        calibration.write_bytes(content)
+    out = tmp_path / "out" / "tiny.gguf"
+    result = cli("quantize", str(folder), "--type", "Q4_0", "--calibration", str(calibration), "-o", str(out))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
+    left = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+    assert left == []  # no output, no F16 intermediate, no temporary

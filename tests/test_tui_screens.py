@@ -348,3 +348,22 @@ async def test_pull_from_the_models_screen_shows_progress_and_lists_the_model(fr
             assert download_size(repo) == smollm2.stat().st_size  # the bar's total, from the hub's listing
             table = app.screen.query_one("#models", DataTable)
             assert f"{repo}:{name}" in [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+
+
+async def test_ctrl_c_stops_a_reply_and_keeps_it_then_a_too_small_terminal_is_told(fresh_engine: Engine,
+                                                                                   tmp_path: Path):
+    session = ChatSession(fresh_engine, SamplingParams.greedy_params(), max_tokens=2000)
+    app = ChatApp(session, history=History(tmp_path / "h.sqlite"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.query_one(PromptArea).text = "Write a very long story about a lighthouse."
+        app.query_one(PromptArea).focus()
+        await pilot.press("enter")
+        await pilot.pause(0.8)
+        await pilot.press("ctrl+c")  # stops the reply; the app stays
+        await wait_for_reply(app, pilot)
+        assert app.is_running and "stopped" in status_text(app)
+        last = app.history.load(app.conversation.id).messages[-1]
+        assert (last.role, last.status) == ("assistant", "stopped") and last.content
+        await pilot.resize_terminal(50, 12)
+        await pilot.pause(0.3)
+        assert any("the chat needs 60×16" in str(n.message) for n in app._notifications)
