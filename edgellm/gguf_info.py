@@ -259,6 +259,9 @@ def _parse(buf: memoryview, path: Path, size: int) -> ModelInfo:
             n *= d
         if shape[0] % block:
             raise cur.fail(f"tensor {name!r} row of {shape[0]} is not a multiple of {block}")
+        if n_dims == 1 and "norm" in name and ttype != GGMLQuantizationType.F32:
+            # converters write norms as F32; llama.cpp aborts the process computing with any other (fuzzed)
+            raise cur.fail(f"norm tensor {name!r} is {ttype.name}, not F32")
         infos.append(TensorInfo(name, shape, ttype, offset, n // block * block_bytes))
 
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT

@@ -34,8 +34,10 @@ def _on_log(level: int, text: bytes, _user: object) -> None:
     for lines in _captures:
         lines.append(line)
     if level == GGML_LOG_LEVEL_ERROR and line.strip():
-        last_error = line.strip()
-        log.debug(last_error)
+        # the first line that says why ("error loading model: ...") is kept over the generic ones after it
+        if not (line.strip().endswith("failed to load model") and "error loading model" in last_error):
+            last_error = line.strip()
+        log.debug(line.strip())
 
 
 def init() -> None:

@@ -100,7 +100,8 @@ def dry_run(info: ModelInfo, shape: ContextShape) -> Probe:
         mparams.load_mode = C.LLAMA_LOAD_MODE_NONE
         model = C.llama_model_load_from_file(str(info.path).encode(), mparams)
         if not model:
-            raise InvalidModel(f"llama.cpp could not read {info.path} (architecture {info.arch!r})")
+            why = backend.last_error.split(": ", 1)[-1] or "unsupported or corrupt"
+            raise InvalidModel(f"llama.cpp could not read {info.path} (architecture {info.arch!r}): {why}")
         try:
             weights = int(C.llama_model_size(model))
             cparams = C.llama_context_default_params()
