@@ -35,6 +35,14 @@ def status_text(app: ChatApp) -> str:
     return app.query_one(StatusBar).line
 
 
+async def start_long_reply(app: ChatApp, pilot, seconds: float = 0.8) -> None:
+    """Ask for a long story and let it stream for a moment (the reply is mid-way when this returns)."""
+    app.query_one(PromptArea).text = "Write a very long story about a lighthouse by the sea."
+    app.query_one(PromptArea).focus()
+    await pilot.press("enter")
+    await pilot.pause(seconds)
+
+
 async def type_and_send(app: ChatApp, pilot, text: str) -> None:
     app.query_one(PromptArea).text = text
     app.query_one(PromptArea).focus()
@@ -83,10 +91,7 @@ async def test_escape_stops_a_long_reply_and_keeps_it_marked(fresh_engine: Engin
     session = ChatSession(fresh_engine, SamplingParams.greedy_params(), max_tokens=2000)
     app = make_app(session, history)
     async with app.run_test(size=(100, 40)) as pilot:
-        app.query_one(PromptArea).text = "Write a very long story about the sea."
-        app.query_one(PromptArea).focus()
-        await pilot.press("enter")
-        await pilot.pause(0.8)
+        await start_long_reply(app, pilot)
         await pilot.press("escape")
         await wait_for_reply(app, pilot)
         assert "stopped" in status_text(app)

@@ -19,7 +19,7 @@ from edgellm.tui.history import History, Message
 from edgellm.tui.screens.help import HelpScreen
 from edgellm.tui.widgets import Bubble, PromptArea
 from tests.test_quantize import tiny_checkpoint
-from tests.test_tui import status_text, type_and_send, wait_for_reply
+from tests.test_tui import start_long_reply, status_text, type_and_send, wait_for_reply
 
 
 def new_app(engine: Engine, db: Path, **kwargs) -> tuple[ChatApp, ChatSession]:
@@ -267,10 +267,7 @@ async def test_quitting_mid_reply_keeps_the_reply_so_far(fresh_engine: Engine, t
     session = ChatSession(fresh_engine, SamplingParams.greedy_params(), max_tokens=2000)
     app = ChatApp(session, history=History(tmp_path / "h.sqlite"))
     async with app.run_test(size=(100, 30)) as pilot:
-        app.query_one(PromptArea).text = "Write a very long story about a lighthouse."
-        app.query_one(PromptArea).focus()
-        await pilot.press("enter")
-        await pilot.pause(1.0)
+        await start_long_reply(app, pilot, 1.0)
         await pilot.press("ctrl+q")
         await pilot.pause(0.5)
     (conversation,) = History(tmp_path / "h.sqlite").conversations()
@@ -355,10 +352,7 @@ async def test_ctrl_c_stops_a_reply_and_keeps_it_then_a_too_small_terminal_is_to
     session = ChatSession(fresh_engine, SamplingParams.greedy_params(), max_tokens=2000)
     app = ChatApp(session, history=History(tmp_path / "h.sqlite"))
     async with app.run_test(size=(100, 30)) as pilot:
-        app.query_one(PromptArea).text = "Write a very long story about a lighthouse."
-        app.query_one(PromptArea).focus()
-        await pilot.press("enter")
-        await pilot.pause(0.8)
+        await start_long_reply(app, pilot)
         await pilot.press("ctrl+c")  # stops the reply; the app stays
         await wait_for_reply(app, pilot)
         assert app.is_running and "stopped" in status_text(app)
