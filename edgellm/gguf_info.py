@@ -241,6 +241,7 @@ def _parse(buf: memoryview, path: Path, size: int) -> ModelInfo:
         metadata[key] = cur.value(cur.scalar("<I"))
 
     infos = []
+    offset_at: dict[str, int] = {}  # where each tensor's data offset is written in the header
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.scalar("<I")
@@ -253,6 +254,7 @@ def _parse(buf: memoryview, path: Path, size: int) -> ModelInfo:
             block, block_bytes = GGML_QUANT_SIZES[ttype]
         except (ValueError, KeyError):
             raise cur.fail(f"tensor {name!r} has unknown type {raw_type}") from None
+        offset_at[name] = cur.pos
         offset = cur.scalar("<Q")
         n = 1
         for d in shape:
@@ -264,8 +266,21 @@ def _parse(buf: memoryview, path: Path, size: int) -> ModelInfo:
             raise cur.fail(f"norm tensor {name!r} is {ttype.name}, not F32")
         infos.append(TensorInfo(name, shape, ttype, offset, n // block * block_bytes))
 
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise InvalidModel(f"{path} is not a valid GGUF file (general.alignment {alignment!r} is not a power of "
+                           "two); re-download or re-convert it")
     data_start = -(-cur.pos // alignment) * alignment
+    end_of_previous, previous = 0, None
+    for t in sorted(infos, key=lambda t: t.offset):  # what llama.cpp checks, said with the field's place
+        at = offset_at[t.name]
+        if t.offset % alignment:
+            raise InvalidModel(f"{path} is not a valid GGUF file (tensor {t.name!r} data offset {t.offset} is not "
+                               f"a multiple of {alignment}, at byte {at}); re-download or re-convert it")
+        if t.offset < end_of_previous:
+            raise InvalidModel(f"{path} is not a valid GGUF file (tensor {t.name!r} data at {t.offset} overlaps "
+                               f"{previous!r}, at byte {at}); re-download or re-convert it")
+        end_of_previous, previous = t.offset + t.n_bytes, t.name
     end = max((data_start + t.offset + t.n_bytes for t in infos), default=data_start)
     if end > size:
         raise InvalidModel(f"{path} is truncated: its tensors need {end:,} bytes but the file has "
