@@ -55,7 +55,7 @@ def fuzz(base: Path, n: int, workdir: Path, seed: int = 0) -> Outcome:
             # one line; it names where (a byte offset or a field) or what is missing
             if len(lines) == 1 and lines[0].startswith("edgellm: "):
                 out.refused += 1
-                out.located += bool(re.search(r"at byte \d+|needs [\d,]+ bytes|only \d+ bytes", lines[0]))
+                out.located += bool(re.search(r"at byte \d+|needs? [\d,]+ bytes|only \d+ bytes", lines[0]))
                 kind = re.sub(r"\d[\d,]*", "N", lines[0].replace(str(target), "FILE"))
                 out.messages[kind] = out.messages.get(kind, 0) + 1
             else:
