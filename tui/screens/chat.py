@@ -88,7 +88,8 @@ class ChatScreen(Screen):
         self.query_one(ConversationList).show(conversations, current)
         if current is not None and current not in self.open_tabs:
             self.open_tabs = [*self.open_tabs, current][-OPEN_TABS:]
-        self.call_later(self.sync_tabs, {c.id: c.title for c in app.history.conversations()}, current)
+        every = conversations if not search else app.history.conversations()
+        self.call_later(self.sync_tabs, {c.id: c.title for c in every}, current)
 
     async def sync_tabs(self, titles: dict[int, str], current: int | None) -> None:
         """One tab per open chat; switching tabs switches chats (each keeps its KV cache)."""
