@@ -11,7 +11,6 @@ import asyncio
 import functools
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -138,16 +137,16 @@ class ChatApp(App[int]):
                                                    planned.draft)
 
     def switch_model(self, path: Path) -> None:
-        """Chat with another model from now on (the plan decides its context and draft)."""
-        try:
-            # a lookup choice carries over; a draft model was the old model's: the plan finds one anew
-            planned = planned_chat(path, self.settings.draft if self.settings.draft in LOOKUP_DRAFTS else "auto")
-        except EdgeLLMError as e:
-            self.notify(str(e), title="model not loaded", severity="error")
-            return
-        self._loader, self._draft_gpu_layers = planned.acquire, planned.draft_gpu_layers
-        self.settings = replace(self.settings, draft=planned.draft)
-        self._notes = list(planned.plan.notes)
+        """Chat with another model from now on: `edgellm chat PATH`'s plan and sampling defaults, worked out
+        in the loading worker (the dry run and the draft scan take a second)."""
+        from ..cli import command_parser
+        from ..commands.chat import prepare
+
+        # a lookup choice carries over; a draft model was the old model's: the plan finds one anew
+        draft = self.settings.draft if self.settings.draft in LOOKUP_DRAFTS else "auto"
+        parser, _ = command_parser("chat")
+        self._prepare = functools.partial(prepare, parser.parse_args([str(path), "--draft", draft]), path)
+        self._notes = []
         self.chat.status(f"loading {path.name}…")
         self.load_engine()
 
