@@ -361,3 +361,34 @@ async def test_ctrl_c_stops_a_reply_and_keeps_it_then_a_too_small_terminal_is_to
         await pilot.resize_terminal(50, 12)
         await pilot.pause(0.3)
         assert any("the chat needs 60×16" in str(n.message) for n in app._notifications)
+
+
+async def test_a_pull_can_be_cancelled_from_the_models_screen(fresh_engine: Engine, smollm2: Path, tmp_path: Path,
+                                                             monkeypatch):
+    from hub_server import Hub
+
+    repo, name = "test-org/Slow-GGUF", "slow-q4_1.gguf"
+    with Hub({repo: {name: smollm2}}, block_delay_s=0.2) as hub:  # ~5 MiB/s: 20 s for the whole file
+        for key, value in {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+                           "HF_HUB_OFFLINE": "0"}.items():
+            monkeypatch.setenv(key, value)
+        app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot.press("f2")
+            await pilot.pause(0.3)
+            app.screen.query_one("#repo", Input).value = repo
+            app.screen.query_one("#pull", Button).press()
+            for _ in range(100):
+                await pilot.pause(0.1)
+                if any("GET" in r and name in r for r in hub.requests):
+                    break
+            await pilot.pause(0.5)
+            app.screen.query_one("#cancel-pull", Button).press()
+            for _ in range(100):
+                await pilot.pause(0.1)
+                if app.screen._pull is None:
+                    break
+            status = str(app.screen.query_one("#pull-status", Label).render())
+            assert status.startswith("pull cancelled"), status
+    snapshots = tmp_path / "hf" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots"
+    assert not list(snapshots.rglob(name))  # nothing that looks downloaded
