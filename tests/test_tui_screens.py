@@ -315,26 +315,35 @@ async def test_switch_to_another_model_from_the_models_screen(fresh_engine: Engi
         assert app.history.conversations()[0].model == app.session.engine.info.name
 
 
+def use_hub(monkeypatch, url: str, tmp_path: Path) -> None:
+    """Point the `edgellm pull` the screen starts, and this process, at a local hub and a fresh cache."""
+    from huggingface_hub import constants
+
+    for key, value in {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+                       "HF_HUB_OFFLINE": "0"}.items():
+        monkeypatch.setenv(key, value)
+    # this process's huggingface-hub read them at import
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+
+async def press_pull(app: ChatApp, pilot, repo: str) -> None:
+    await pilot.press("f2")
+    await pilot.pause(0.3)
+    app.screen.query_one("#repo", Input).value = repo
+    app.screen.query_one("#pull", Button).press()
+
+
 async def test_pull_from_the_models_screen_shows_progress_and_lists_the_model(fresh_engine: Engine, smollm2: Path,
                                                                             tmp_path: Path, monkeypatch):
     from hub_server import Hub
 
     repo, name = "test-org/Tiny-GGUF", "tiny-q4_1.gguf"
     with Hub({repo: {name: smollm2}}) as hub:
-        from huggingface_hub import constants
-
-        for key, value in {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
-                           "HF_HUB_OFFLINE": "0"}.items():
-            monkeypatch.setenv(key, value)  # for the `edgellm pull` the screen starts
-        # and for this process, where huggingface-hub read them at import
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+        use_hub(monkeypatch, hub.url, tmp_path)
         app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
         async with app.run_test(size=(120, 30)) as pilot:
-            await pilot.press("f2")
-            await pilot.pause(0.3)
-            app.screen.query_one("#repo", Input).value = repo
-            app.screen.query_one("#pull", Button).press()
+            await press_pull(app, pilot, repo)
             for _ in range(300):
                 await pilot.pause(0.1)
                 if "pulled" in str(app.screen.query_one("#pull-status", Label).render()):
@@ -369,15 +378,10 @@ async def test_a_pull_can_be_cancelled_from_the_models_screen(fresh_engine: Engi
 
     repo, name = "test-org/Slow-GGUF", "slow-q4_1.gguf"
     with Hub({repo: {name: smollm2}}, block_delay_s=0.2) as hub:  # ~5 MiB/s: 20 s for the whole file
-        for key, value in {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
-                           "HF_HUB_OFFLINE": "0"}.items():
-            monkeypatch.setenv(key, value)
+        use_hub(monkeypatch, hub.url, tmp_path)
         app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
         async with app.run_test(size=(120, 30)) as pilot:
-            await pilot.press("f2")
-            await pilot.pause(0.3)
-            app.screen.query_one("#repo", Input).value = repo
-            app.screen.query_one("#pull", Button).press()
+            await press_pull(app, pilot, repo)
             for _ in range(100):
                 await pilot.pause(0.1)
                 if any("GET" in r and name in r for r in hub.requests):
