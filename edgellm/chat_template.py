@@ -12,7 +12,7 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from .errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
 
 # llama.cpp falls back to ChatML when a GGUF carries no template; so do we.
 CHATML = (

@@ -6,8 +6,8 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
-from .errors import EdgeLLMError
+from edgellm import __version__
+from edgellm.errors import EdgeLLMError
 
 # command -> (module in edgellm.commands, help)
 COMMANDS = {

@@ -18,7 +18,7 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
-from .errors import InvalidModel, ModelNotFound
+from edgellm.errors import InvalidModel, ModelNotFound
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EdgeLLMError
-from .models import data_dir
+from edgellm.errors import EdgeLLMError
+from edgellm.models import data_dir
 
 CHUNK = 1 << 22
 

@@ -13,8 +13,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from .gguf_info import ModelInfo
-from .runtime.sampling import SamplingParams
+from edgellm.gguf_info import ModelInfo
+from edgellm.runtime.sampling import SamplingParams
 
 # llama.cpp's common_params_sampling defaults
 LLAMA_CPP = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from platformdirs import user_data_dir
 
-from .errors import EdgeLLMError, InvalidModel, ModelNotFound
-from .gguf_info import ModelInfo, read_info
+from edgellm.errors import EdgeLLMError, InvalidModel, ModelNotFound
+from edgellm.gguf_info import ModelInfo, read_info
 
 DEFAULT_MODEL = "smollm2-135m"
 # One command to a better model than the embedded one: small, instruct, answers everyday questions right
@@ -331,7 +331,7 @@ def pull(repo: str, filename: str | None = None, revision: str | None = None) ->
         if commit:
             _cache_ref(repo, revision or "main", commit)
     read_info(path)  # a download that is not a valid GGUF is reported now, not at load time
-    from .integrity import record
+    from edgellm.integrity import record
 
     record(path, f"pull {repo}" + (f" {filename}" if filename else ""))
     return path

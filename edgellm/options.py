@@ -6,11 +6,11 @@ import argparse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import EdgeLLMError
-from .gguf_info import ModelInfo
-from .memory.plan import Plan, PlanRequest
-from .model_defaults import Defaults, resolve_defaults
-from .runtime.engine import KV_TYPES, Engine, LoadOptions
+from edgellm.errors import EdgeLLMError
+from edgellm.gguf_info import ModelInfo
+from edgellm.memory.plan import Plan, PlanRequest
+from edgellm.model_defaults import Defaults, resolve_defaults
+from edgellm.runtime.engine import KV_TYPES, Engine, LoadOptions
 
 
 def add_model_arguments(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -65,8 +65,8 @@ LOOKUP_DRAFTS = ("off", "ngram", "edit", "lookup", "tree")  # --draft values tha
 def draft_model_path(target: ModelInfo, spec: str, n_ctx: int | None = None) -> str | None:
     """The draft model a --draft choice loads: none for lookup drafts, a local model of the target's
     vocabulary, trained for the context in use, for auto."""
-    from .memory.plan import DEFAULT_CTX
-    from .models import find_draft, resolve
+    from edgellm.memory.plan import DEFAULT_CTX
+    from edgellm.models import find_draft, resolve
 
     if spec in LOOKUP_DRAFTS:
         return None
@@ -97,15 +97,15 @@ class Planned:
 
     def acquire(self):
         """The manager's handle on the loaded model (memory.manager.Loaded): release it when done."""
-        from .memory.manager import process_manager
+        from edgellm.memory.manager import process_manager
 
         return process_manager().acquire(self.path, self.request, plan=self.plan, **self.extra)
 
 
 def planned_chat(path: Path, draft: str = "auto") -> Planned:
     """The plan `edgellm chat PATH --draft DRAFT` makes, with the chat's defaults for every other flag."""
-    from .cli import command_parser
-    from .gguf_info import read_info
+    from edgellm.cli import command_parser
+    from edgellm.gguf_info import read_info
 
     parser, _ = command_parser("chat")
     return planned_load(parser.parse_args([str(path), "--draft", draft]), read_info(path))
@@ -114,10 +114,10 @@ def planned_chat(path: Path, draft: str = "auto") -> Planned:
 def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> Planned:
     """The options after the memory plan: a KV type, context, GPU layers and draft that fit, or an
     EdgeLLMError with the numbers before anything is loaded."""
-    from .memory.plan import make_plan
+    from edgellm.memory.plan import make_plan
 
     load_options(a)  # the checks on the flags as given
-    from .integrity import check_size
+    from edgellm.integrity import check_size
 
     check_size(info.path)  # a recorded model that changed size is refused before llama.cpp reads it
     spec = getattr(a, "draft", "off")

@@ -12,9 +12,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .runtime.backend import llama_thread
-from .runtime.engine import Engine, Record
-from .runtime.sampling import SamplingParams
+from edgellm.runtime.backend import llama_thread
+from edgellm.runtime.engine import Engine, Record
+from edgellm.runtime.sampling import SamplingParams
 
 
 @dataclass

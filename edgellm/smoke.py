@@ -11,8 +11,8 @@ import signal
 import sys
 import time
 
-from .runtime.engine import Engine, LoadOptions
-from .runtime.sampling import SamplingParams
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.sampling import SamplingParams
 
 
 def main() -> int:

@@ -26,11 +26,10 @@ from gguf import GGMLQuantizationType as T
 
 from edgellm.errors import EdgeLLMError
 from edgellm.gguf_info import ModelInfo, read_info
+from edgellm.quantize.ggml_quant import round_trip, row_bytes
+from edgellm.quantize.imatrix import GGML_OP_MUL_MAT, GGMLTensor, ImportanceMatrix
+from edgellm.quantize.report import HELDOUT, log_softmax
 from edgellm.runtime.engine import Engine, LoadOptions
-
-from .ggml_quant import round_trip, row_bytes
-from .imatrix import GGML_OP_MUL_MAT, GGMLTensor, ImportanceMatrix
-from .report import HELDOUT, log_softmax
 
 GGML_OP_GET_ROWS = 40  # enum ggml_op in the vendored ggml.h
 # candidates by row length: K-quants and IQ4_XS need rows of 256, the others rows of 32

@@ -20,9 +20,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from edgellm.errors import EdgeLLMError
-
-from .archs import ARCHS, FLOAT_HPARAMS, HPARAMS, Arch, permute, supported
-from .vocab import add_vocab
+from edgellm.quantize.archs import ARCHS, FLOAT_HPARAMS, HPARAMS, Arch, permute, supported
+from edgellm.quantize.vocab import add_vocab
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}

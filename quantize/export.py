@@ -16,9 +16,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from edgellm.errors import EdgeLLMError
-
-from .archs import ARCHS, unpermute
-from .vocab import PRE_TOKENIZERS
+from edgellm.quantize.archs import ARCHS, unpermute
+from edgellm.quantize.vocab import PRE_TOKENIZERS
 
 HF_ARCH = {a.gguf: name for name, a in reversed(list(ARCHS.items()))}  # first listed name wins
 GLOBAL_NAMES = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]

@@ -19,9 +19,8 @@ import gguf
 import llama_cpp as C
 import numpy as np
 
+from edgellm.errors import EdgeLLMError
 from edgellm.runtime.engine import Engine, LoadOptions
-
-from ..errors import EdgeLLMError
 
 CALIBRATION = resources.files("edgellm.assets").joinpath("calibration.txt")  # package data: works from a wheel
 GGML_OP_MUL_MAT = 29  # enum ggml_op in the vendored ggml.h

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
 
 STAGES = ("convert", "importance matrix", "plan", "quantize", "report")
 Progress = Callable[[str, int | None, int | None], None]
@@ -61,7 +61,7 @@ class QuantizeResult:
 
 def parse_budget(text: str) -> tuple[int | None, float | None]:
     """"300MB", "1.2GB" -> (bytes, None); "4.5 bpw", "4.5bpw" -> (None, bits)."""
-    from .budget import parse_size
+    from edgellm.quantize.budget import parse_size
 
     bits = re.fullmatch(r"\s*([0-9.]+)\s*bpw\s*", text, re.IGNORECASE)
     if bits:
@@ -77,8 +77,8 @@ def check_bpw(bpw: float) -> float:
 
 def check(job: QuantizeJob) -> None:
     """Everything that can be refused before any work: type, budget, draft, output, disk."""
-    from .convert import load_config, safetensor_files
-    from .quantize import check_type, tensor_type
+    from edgellm.quantize.convert import load_config, safetensor_files
+    from edgellm.quantize.quantize import check_type, tensor_type
 
     check_type(job.qtype.upper(), not job.no_imatrix)
     if job.calibration is not None:
@@ -112,15 +112,15 @@ def run(job: QuantizeJob, progress: Progress | None = None, cancel: threading.Ev
     for stale in temporaries(job.out):  # left by a run that was killed (kill -9, power loss)
         stale.unlink(missing_ok=True)
     result = _run(job, progress, cancel)
-    from ..integrity import record
+    from edgellm.integrity import record
 
     record(result.out, f"quantize {job.source.name} {result.qtype}")
     return result
 
 
 def _run(job: QuantizeJob, progress: Progress | None, cancel: threading.Event | None) -> QuantizeResult:
-    from .convert import convert
-    from .quantize import CONVERT_ONLY
+    from edgellm.quantize.convert import convert
+    from edgellm.quantize.quantize import CONVERT_ONLY
 
     def report(stage: str, done: int | None = None, total: int | None = None) -> None:
         if cancel is not None and cancel.is_set():
@@ -138,7 +138,7 @@ def _run(job: QuantizeJob, progress: Progress | None, cancel: threading.Event | 
             if job.report:
                 report("report")
                 # F16 is its own reference; the others are compared with an F16 made for the report
-                from .report import measure
+                from edgellm.quantize.report import measure
 
                 quality = (measure(job.out, job.out, threads=job.threads) if qtype == "F16"
                            else report_against_f16(job.source, job.out, job.threads))
@@ -154,18 +154,18 @@ def _run(job: QuantizeJob, progress: Progress | None, cancel: threading.Event | 
 
 
 def _quantize(job: QuantizeJob, intermediate: Path, report, tick) -> QuantizeResult:
-    from ..gguf_info import read_info
-    from .convert import convert
-    from .imatrix import ImportanceMatrix
-    from .imatrix import compute as compute_imatrix
-    from .quantize import draft_layers_to_drop, quantize
-    from .report import measure
+    from edgellm.gguf_info import read_info
+    from edgellm.quantize.convert import convert
+    from edgellm.quantize.imatrix import ImportanceMatrix
+    from edgellm.quantize.imatrix import compute as compute_imatrix
+    from edgellm.quantize.quantize import draft_layers_to_drop, quantize
+    from edgellm.quantize.report import measure
 
     qtype, tensor_types, mix_text = job.qtype.upper(), dict(job.tensor_types), None
     report("convert")
     convert(job.source, intermediate, "f16", force=True, progress=tick("convert"))
     if job.budget is not None:  # an impossible budget fails now, not after the slow steps
-        from .budget import target_bytes
+        from edgellm.quantize.budget import target_bytes
 
         target_bytes(read_info(intermediate), *job.budget)
     imatrix = None
@@ -178,7 +178,7 @@ def _quantize(job: QuantizeJob, intermediate: Path, report, tick) -> QuantizeRes
                                   dataset=str(job.calibration) if job.calibration else "assets/calibration.txt")
         imatrix.save(job.out.with_name(f"{job.out.stem}.imatrix"))
     if job.budget is not None:
-        from .budget import plan
+        from edgellm.quantize.budget import plan
 
         report("plan")
         mix = plan(intermediate, imatrix, job.budget[0], job.budget[1], job.threads, tick("plan"))
@@ -211,8 +211,8 @@ def temporaries(out: Path) -> list[Path]:
 
 def report_against_f16(src: Path, out: Path, threads: int | None):
     """`out` measured against a fresh F16 of `src`, which is deleted afterwards."""
-    from .convert import convert
-    from .report import measure
+    from edgellm.quantize.convert import convert
+    from edgellm.quantize.report import measure
 
     reference = out.with_name(f".{out.stem}.f16.gguf")
     try:

@@ -78,7 +78,7 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None, imatr
     tensor names -> type, first match wins (llama-quantize's --tensor-type); `output_type` and
     `embedding_type`: types for output.weight and token_embd.weight.
     """
-    from .imatrix import as_quantize_param
+    from edgellm.quantize.imatrix import as_quantize_param
 
     ftype = check_type(qtype, imatrix is not None)
     backend.init()

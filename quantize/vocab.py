@@ -19,8 +19,7 @@ from typing import Any
 import gguf
 
 from edgellm.errors import EdgeLLMError
-
-from .archs import Arch
+from edgellm.quantize.archs import Arch
 
 # convert_hf_to_gguf.py's check text for pre-tokenizers (get_vocab_base_pre)
 CHECK_TEXT = (

@@ -18,23 +18,23 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding
 
-from ..errors import EdgeLLMError
-from ..memory.manager import Loaded, process_manager
-from ..memory.pressure import default_watch
-from ..model_defaults import Defaults
-from ..models import BETTER_MODEL_PULL
-from ..options import LOOKUP_DRAFTS, Planned, planned_chat
-from ..runtime import kvfile
-from ..runtime.backend import favour_this_thread, llama_thread
-from ..runtime.engine import Engine, LoadOptions
-from ..session import ChatSession
-from ..speculative.setup import make_speculator
-from .history import Conversation, History
-from .screens.chat import ChatScreen
-from .screens.help import HelpScreen
-from .screens.models import ModelsScreen
-from .screens.quantize import QuantizeScreen
-from .settings import ChatSettings
+from edgellm.errors import EdgeLLMError
+from edgellm.memory.manager import Loaded, process_manager
+from edgellm.memory.pressure import default_watch
+from edgellm.model_defaults import Defaults
+from edgellm.models import BETTER_MODEL_PULL
+from edgellm.options import LOOKUP_DRAFTS, Planned, planned_chat
+from edgellm.runtime import kvfile
+from edgellm.runtime.backend import favour_this_thread, llama_thread
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.session import ChatSession
+from edgellm.speculative.setup import make_speculator
+from edgellm.tui.history import Conversation, History
+from edgellm.tui.screens.chat import ChatScreen
+from edgellm.tui.screens.help import HelpScreen
+from edgellm.tui.screens.models import ModelsScreen
+from edgellm.tui.screens.quantize import QuantizeScreen
+from edgellm.tui.settings import ChatSettings
 
 KV_FILES_KEPT = 8  # conversations whose KV cache stays on disk (SmolLM2: ~23 KB a token)
 
@@ -139,8 +139,8 @@ class ChatApp(App[int]):
     def switch_model(self, path: Path) -> None:
         """Chat with another model from now on: `edgellm chat PATH`'s plan and sampling defaults, worked out
         in the loading worker (the dry run and the draft scan take a second)."""
-        from ..cli import command_parser
-        from ..commands.chat import prepare
+        from edgellm.cli import command_parser
+        from edgellm.commands.chat import prepare
 
         # a lookup choice carries over; a draft model was the old model's: the plan finds one anew
         draft = self.settings.draft if self.settings.draft in LOOKUP_DRAFTS else "auto"

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import data_dir
+from edgellm.models import data_dir
 
 BUSY_TIMEOUT_MS = 5000
 TITLE_CHARS = 48

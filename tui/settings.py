@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from ..runtime.sampling import SamplingParams
+from edgellm.runtime.sampling import SamplingParams
 
 DRAFT_CHOICES = ("auto", "edit", "off")  # and any local model that shares the target's vocabulary
 

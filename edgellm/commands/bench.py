@@ -14,10 +14,10 @@ import random
 import statistics
 import time
 
-from ..errors import EdgeLLMError
-from ..models import resolve
-from ..options import add_model_arguments, load_options
-from ..runtime.engine import Engine
+from edgellm.errors import EdgeLLMError
+from edgellm.models import resolve
+from edgellm.options import add_model_arguments, load_options
+from edgellm.runtime.engine import Engine
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,8 +64,8 @@ def measure(engine: Engine, test: str, n: int, repetitions: int, seed: int = 0) 
 
 def run_parallel(engine: Engine, n: int, n_prompt: int, n_gen: int, rng: random.Random) -> dict:
     """N sessions at once; decode tokens/s from the step after the last prefill to the end."""
-    from ..memory.scheduler import Scheduler
-    from ..runtime.sampling import SamplingParams
+    from edgellm.memory.scheduler import Scheduler
+    from edgellm.runtime.sampling import SamplingParams
 
     engine.reset()
     scheduler = Scheduler(engine)
@@ -112,7 +112,7 @@ def bench_parallel(a: argparse.Namespace) -> int:
 def bench_cost_curve(a: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..speculative.costs import measure, save
+    from edgellm.speculative.costs import measure, save
 
     options = replace(load_options(a), n_ctx=max(a.ctx or 0, 512))
     with Engine(resolve(a.model), options) as engine:

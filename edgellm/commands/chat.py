@@ -7,12 +7,12 @@ import functools
 import sys
 from pathlib import Path
 
-from ..errors import EdgeLLMError
-from ..gguf_info import read_info
-from ..memory.pressure import default_watch
-from ..model_defaults import Defaults
-from ..models import BETTER_MODEL_PULL, default_model, resolve
-from ..options import (
+from edgellm.errors import EdgeLLMError
+from edgellm.gguf_info import read_info
+from edgellm.memory.pressure import default_watch
+from edgellm.model_defaults import Defaults
+from edgellm.models import BETTER_MODEL_PULL, default_model, resolve
+from edgellm.options import (
     Planned,
     add_model_arguments,
     add_sampling_arguments,
@@ -20,8 +20,8 @@ from ..options import (
     planned_load,
     sampling_defaults,
 )
-from ..session import ChatSession
-from ..speculative.setup import make_speculator
+from edgellm.session import ChatSession
+from edgellm.speculative.setup import make_speculator
 
 HELP = "commands: /reset (new conversation), /stats (last reply's speed), /exit"
 
@@ -38,7 +38,7 @@ def main(a: argparse.Namespace) -> int:
     check_ranges(a)
     explicit = resolve(a.model) if a.model else None  # an unknown model fails here, before any screen
     if sys.stdin.isatty() and sys.stdout.isatty() and not a.plain:
-        from ..tui.app import run_app
+        from edgellm.tui.app import run_app
 
         # the app's first frame does not wait for the model scan, the header read or the memory plan
         return run_app(functools.partial(prepare, a, explicit), a.resume, a.max_tokens, tuple(a.stop))

@@ -17,9 +17,9 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .. import __version__, buildflags
-from ..errors import EdgeLLMError
-from ..models import DEFAULT_MODEL, models_dir, resolve
+from edgellm import __version__, buildflags
+from edgellm.errors import EdgeLLMError
+from edgellm.models import DEFAULT_MODEL, models_dir, resolve
 
 SMOKE_TIMEOUT_S = 180
 
@@ -84,7 +84,7 @@ def smoke_decode(model: Path) -> tuple[bool, str]:
 def collect(model_spec: str | None) -> tuple[dict, bool]:
     import psutil
 
-    from ..runtime import backend
+    from edgellm.runtime import backend
 
     flags = buildflags.cpu_flags()
     expected_key = buildflags.cache_key(buildflags.cmake_args(flags, buildflags.has_cuda()))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..gguf_info import ModelInfo
-from ..memory.plan import DEFAULT_CTX, SPECULATIVE_OUTPUTS, estimate, fixed_overhead
-from ..models import list_local
-from ..runtime.probe import ContextShape
+from edgellm.gguf_info import ModelInfo
+from edgellm.memory.plan import DEFAULT_CTX, SPECULATIVE_OUTPUTS, estimate, fixed_overhead
+from edgellm.models import list_local
+from edgellm.runtime.probe import ContextShape
 
 
 def needs_bytes(info: ModelInfo) -> int:
@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def verify(as_json: bool) -> int:
-    from ..integrity import manifest_path
-    from ..integrity import verify as check_all
+    from edgellm.integrity import manifest_path
+    from edgellm.integrity import verify as check_all
 
     checks = check_all()
     if as_json:

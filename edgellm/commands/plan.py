@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..memory.plan import PlanRequest, make_plan, parse_size
-from ..models import default_model, resolve
-from ..options import draft_model_path
-from ..runtime.probe import KV_TYPES
+from edgellm.memory.plan import PlanRequest, make_plan, parse_size
+from edgellm.models import default_model, resolve
+from edgellm.options import draft_model_path
+from edgellm.runtime.probe import KV_TYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
-    from ..gguf_info import read_info
+    from edgellm.gguf_info import read_info
 
     info = read_info(resolve(a.model) if a.model else default_model().path)
     req = PlanRequest(n_ctx=a.ctx, parallel=a.parallel, kv_type=a.kv_type, draft=draft_model_path(info, a.draft, a.ctx),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..gguf_info import read_info
-from ..models import pull
+from edgellm.gguf_info import read_info
+from edgellm.models import pull
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import EdgeLLMError
-from ..models import models_dir, snapshot
+from edgellm.errors import EdgeLLMError
+from edgellm.models import models_dir, snapshot
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(a: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from ..quantize.convert import load_config
-    from ..quantize.pipeline import QuantizeJob, report_against_f16, run
+    from edgellm.quantize.convert import load_config
+    from edgellm.quantize.pipeline import QuantizeJob, report_against_f16, run
 
     src = Path(a.model).expanduser()
     if not src.is_dir():
@@ -88,14 +88,14 @@ HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "gen
 
 def budget_bytes(a: argparse.Namespace) -> tuple[int | None, float | None] | None:
     """(bytes, None) for --size, (None, bits) for --bpw, None without a budget."""
-    from ..quantize.budget import parse_size
+    from edgellm.quantize.budget import parse_size
 
     if a.size and a.bpw:
         raise EdgeLLMError("give --size or --bpw, not both")
     if a.size:
         return parse_size(a.size), None
     if a.bpw is not None:
-        from ..quantize.pipeline import check_bpw
+        from edgellm.quantize.pipeline import check_bpw
 
         return None, check_bpw(a.bpw)
     return None
@@ -105,7 +105,7 @@ def parse_tensor_types(items: list[str]) -> dict[str, str]:
     """['attn_v=Q6_K', ...] -> {'attn_v': 'Q6_K'}, every regex and type checked."""
     import re
 
-    from ..quantize.quantize import tensor_type
+    from edgellm.quantize.quantize import tensor_type
 
     out = {}
     for item in items:

@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 
-from ..errors import EdgeLLMError
-from ..gguf_info import read_info
-from ..memory.manager import process_manager
-from ..memory.pressure import default_watch
-from ..models import default_model, is_model_spec, resolve
-from ..options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
-from ..speculative.setup import make_speculator
+from edgellm.errors import EdgeLLMError
+from edgellm.gguf_info import read_info
+from edgellm.memory.manager import process_manager
+from edgellm.memory.pressure import default_watch
+from edgellm.models import default_model, is_model_spec, resolve
+from edgellm.options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
+from edgellm.speculative.setup import make_speculator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import EdgeLLMError
-from ..gguf_info import read_info
-from ..runtime.engine import Engine, LoadOptions
-from .plan import Plan, PlanRequest, default_ram_budget, fmt, make_plan, process_base
+from edgellm.errors import EdgeLLMError
+from edgellm.gguf_info import read_info
+from edgellm.memory.plan import Plan, PlanRequest, default_ram_budget, fmt, make_plan, process_base
+from edgellm.runtime.engine import Engine, LoadOptions
 
 DEFAULT_KEEP_ALIVE_S = 300.0  # as Ollama's default
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EdgeLLMError
-from ..gguf_info import ModelInfo, read_info
-from ..runtime.probe import KV_TYPES, ContextShape, KVCache, Probe, dry_run
+from edgellm.errors import EdgeLLMError
+from edgellm.gguf_info import ModelInfo, read_info
+from edgellm.runtime.probe import KV_TYPES, ContextShape, KVCache, Probe, dry_run
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -64,7 +64,7 @@ def default_ram_budget() -> int:
 
 def gpu_free_bytes() -> int:
     """Free memory of the first GPU (0 without GPU offload support or a driver tool to ask)."""
-    from ..runtime import backend
+    from edgellm.runtime import backend
 
     if not backend.supports_gpu_offload() or not shutil.which("nvidia-smi"):
         return 0
@@ -187,7 +187,7 @@ class Plan:
         return sum(getattr(s.probe, name) for s in sides)
 
     def load_options(self, **extra):
-        from ..runtime.engine import LoadOptions
+        from edgellm.runtime.engine import LoadOptions
 
         # token trees: one unified cache of n_ctx, a sequence per branch, every row with logits
         n_ctx, n_seq, outputs = ((self.n_ctx, TREE_SEQUENCES, 0) if self.tree

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .plan import margin, mem_available
+from edgellm.memory.plan import margin, mem_available
 
 
 @dataclass

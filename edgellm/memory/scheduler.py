@@ -22,16 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..errors import CacheTrimError, EdgeLLMError
-from ..runtime import kvfile
-from ..runtime.context import KVSequence, TokenBatch, common_prefix
-from ..runtime.engine import Engine, Record, Stats, finish_after
-from ..runtime.sampling import Sampler, SamplingParams
-from ..speculative.batched import Lookahead
-from ..speculative.costs import load_or_prior
-from ..speculative.policy import Policy
-from ..textstream import TextStream
-from .pressure import MemoryWatch
+from edgellm.errors import CacheTrimError, EdgeLLMError
+from edgellm.memory.pressure import MemoryWatch
+from edgellm.runtime import kvfile
+from edgellm.runtime.context import KVSequence, TokenBatch, common_prefix
+from edgellm.runtime.engine import Engine, Record, Stats, finish_after
+from edgellm.runtime.sampling import Sampler, SamplingParams
+from edgellm.speculative.batched import Lookahead
+from edgellm.speculative.costs import load_or_prior
+from edgellm.speculative.policy import Policy
+from edgellm.textstream import TextStream
 
 
 @dataclass

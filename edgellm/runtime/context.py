@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import llama_cpp as C
 
-from ..errors import CacheTrimError, EdgeLLMError
+from edgellm.errors import CacheTrimError, EdgeLLMError
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

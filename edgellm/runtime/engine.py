@@ -20,13 +20,13 @@ import llama_cpp as C
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..errors import CacheTrimError, EdgeLLMError
-from ..gguf_info import read_info
-from ..textstream import TextStream
-from .context import KVSequence, TokenBatch, common_prefix
-from .model import Model
-from .probe import KV_TYPES, ContextShape
-from .sampling import Sampler, SamplingParams, logits_row
+from edgellm.errors import CacheTrimError, EdgeLLMError
+from edgellm.gguf_info import read_info
+from edgellm.runtime.context import KVSequence, TokenBatch, common_prefix
+from edgellm.runtime.model import Model
+from edgellm.runtime.probe import KV_TYPES, ContextShape
+from edgellm.runtime.sampling import Sampler, SamplingParams, logits_row
+from edgellm.textstream import TextStream
 
 DEFAULT_CTX = 4096
 
@@ -211,7 +211,7 @@ class Engine:
 
     @classmethod
     def load(cls, spec: str | None = None, **options) -> Engine:
-        from ..models import resolve
+        from edgellm.models import resolve
 
         return cls(resolve(spec), LoadOptions(**options))
 

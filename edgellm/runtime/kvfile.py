@@ -18,8 +18,8 @@ from pathlib import Path
 
 import llama_cpp as C
 
-from ..errors import EdgeLLMError
-from .engine import Engine
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.engine import Engine
 
 
 def safe_name(session: str) -> str:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import llama_cpp as C
 
-from .. import chat_template
-from ..errors import InvalidModel
-from ..gguf_info import ModelInfo, read_info
-from . import backend
+from edgellm import chat_template
+from edgellm.errors import InvalidModel
+from edgellm.gguf_info import ModelInfo, read_info
+from edgellm.runtime import backend
 
 
 class Model:

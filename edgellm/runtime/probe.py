@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import llama_cpp as C
 from gguf import GGMLQuantizationType
 
-from ..errors import EdgeLLMError, InvalidModel
-from ..gguf_info import ModelInfo
-from . import backend
+from edgellm.errors import EdgeLLMError, InvalidModel
+from edgellm.gguf_info import ModelInfo
+from edgellm.runtime import backend
 
 MIB = 1 << 20
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")

@@ -17,11 +17,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from ..runtime.engine import Engine
-from ..runtime.sampling import SamplingParams
-from .decode import _Picker
-from .drafters import EditAwareLookup
-from .policy import MARGIN, Policy
+from edgellm.runtime.engine import Engine
+from edgellm.runtime.sampling import SamplingParams
+from edgellm.speculative.decode import _Picker
+from edgellm.speculative.drafters import EditAwareLookup
+from edgellm.speculative.policy import MARGIN, Policy
 
 # Lookups cost Python time on every step (catch up, propose, score: ~0.25 ms here), which is 4% of a
 # SmolLM2 token but 1% of a 1.5B one. A sequence keeps them while the tokens they got accepted saved

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import buildflags
+from edgellm import buildflags
 
 # Every size a verification can have (the pending token + up to 32 drafted): the curve is not smooth.
 # Matmul kernels work in tiles of rows, so 8 tokens can cost 1.6x what 7 do and 16 less than 12 (AMD

@@ -16,13 +16,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import EdgeLLMError
-from ..runtime.engine import Engine, Record, Stats, finish_after
-from ..runtime.sampling import SamplingParams, probabilities
-from ..textstream import TextStream
-from . import tree
-from .drafters import Drafter
-from .policy import Policy
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.engine import Engine, Record, Stats, finish_after
+from edgellm.runtime.sampling import SamplingParams, probabilities
+from edgellm.speculative import tree
+from edgellm.speculative.drafters import Drafter
+from edgellm.speculative.policy import Policy
+from edgellm.textstream import TextStream
 
 TREE_BRANCH = 4  # tokens in each alternative branch of a token tree
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Protocol
 
-from ..errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError
 
 
 class Drafter(Protocol):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .costs import CostCurve
+from edgellm.speculative.costs import CostCurve
 
 MARGIN = 1.05  # an expected gain below this is noise on these machines: decode plainly
 OPTIMISTIC = 0.95  # acceptance of the best drafts, for deciding whether a costly source can ever pay

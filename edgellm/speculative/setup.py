@@ -6,15 +6,15 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ..errors import EdgeLLMError
-from ..memory.pressure import MemoryWatch
-from ..models import find_draft, resolve
-from ..runtime.engine import Engine, LoadOptions, Record
-from ..runtime.sampling import SamplingParams
-from . import decode
-from .costs import keep_refined, load_or_prior
-from .drafters import Combined, Drafter, DraftModel, EditAwareLookup, PromptLookup, check_vocab_compatible
-from .policy import Policy
+from edgellm.errors import EdgeLLMError
+from edgellm.memory.pressure import MemoryWatch
+from edgellm.models import find_draft, resolve
+from edgellm.runtime.engine import Engine, LoadOptions, Record
+from edgellm.runtime.sampling import SamplingParams
+from edgellm.speculative import decode
+from edgellm.speculative.costs import keep_refined, load_or_prior
+from edgellm.speculative.drafters import Combined, Drafter, DraftModel, EditAwareLookup, PromptLookup, check_vocab_compatible
+from edgellm.speculative.policy import Policy
 
 TREE_WIDTH = 3  # branches of a token tree: the main draft and two alternatives
 

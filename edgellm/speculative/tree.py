@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..runtime.engine import Engine
+from edgellm.runtime.engine import Engine
 
 
 @dataclass

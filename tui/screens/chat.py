@@ -19,14 +19,14 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Tab, Tabs
 
-from ...errors import EdgeLLMError
-from ...runtime.engine import Record
-from ..history import Message
-from ..widgets import Bubble, ConversationList, Notice, PromptArea, StatusBar
-from ..widgets.status import memory_summary, reply_summary
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.engine import Record
+from edgellm.tui.history import Message
+from edgellm.tui.widgets import Bubble, ConversationList, Notice, PromptArea, StatusBar
+from edgellm.tui.widgets.status import memory_summary, reply_summary
 
 if TYPE_CHECKING:
-    from ..app import ChatApp
+    from edgellm.tui.app import ChatApp
 
 OPEN_TABS = 6  # chats open side by side (the sidebar has them all)
 TAB_CHARS = 18

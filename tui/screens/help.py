@@ -11,7 +11,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from ..widgets.prompt import NEWLINE_KEYS
+from edgellm.tui.widgets.prompt import NEWLINE_KEYS
 
 EXTRA = [("enter", "Send the message"), (",".join(NEWLINE_KEYS), "New line in the message")]
 
@@ -28,10 +28,10 @@ def key_name(key: str) -> str:
 
 
 def bindings_table() -> Table:
-    from ..app import ChatApp
-    from .chat import ChatScreen
-    from .models import ModelsScreen
-    from .quantize import QuantizeScreen
+    from edgellm.tui.app import ChatApp
+    from edgellm.tui.screens.chat import ChatScreen
+    from edgellm.tui.screens.models import ModelsScreen
+    from edgellm.tui.screens.quantize import QuantizeScreen
 
     table = Table(box=None, show_header=True, header_style="bold", expand=True)
     table.add_column("where", no_wrap=True)

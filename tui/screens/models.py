@@ -24,13 +24,13 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, ProgressBar, Select
 
-from ...errors import EdgeLLMError
-from ...memory.plan import margin
-from ...models import LocalModel, list_local
-from ..settings import DRAFT_CHOICES, ChatSettings
+from edgellm.errors import EdgeLLMError
+from edgellm.memory.plan import margin
+from edgellm.models import LocalModel, list_local
+from edgellm.tui.settings import DRAFT_CHOICES, ChatSettings
 
 if TYPE_CHECKING:
-    from ..app import ChatApp
+    from edgellm.tui.app import ChatApp
 
 MIB = 1 << 20
 
@@ -109,7 +109,7 @@ class ModelsScreen(Screen):
         self.action_refresh_models()
 
     def action_refresh_models(self) -> None:
-        from ...commands.models import needs_bytes
+        from edgellm.commands.models import needs_bytes
 
         table = self.query_one("#models", DataTable)
         table.clear()
@@ -229,7 +229,7 @@ def download_size(repo: str) -> int | None:
     """Bytes of the GGUF `edgellm pull REPO` picks (None when the hub does not say: the bar then just moves)."""
     from huggingface_hub import HfApi
 
-    from ...models import _pick_gguf, hub_errors, looks_like_repo
+    from edgellm.models import _pick_gguf, hub_errors, looks_like_repo
 
     if not looks_like_repo(repo):
         return None

@@ -20,9 +20,9 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Static
 
-from ...errors import EdgeLLMError
-from ...models import models_dir
-from ...runtime.backend import llama_thread
+from edgellm.errors import EdgeLLMError
+from edgellm.models import models_dir
+from edgellm.runtime.backend import llama_thread
 
 BUDGET = re.compile(r"\s*[0-9.]+\s*(bpw|[kmgt]i?b)\s*", re.IGNORECASE)  # 300MB, 1.2GB, 4.5bpw
 STAGE_WORDS = {"convert": "1/5 converting to F16", "importance matrix": "2/5 importance matrix",
@@ -31,9 +31,9 @@ STAGE_WORDS = {"convert": "1/5 converting to F16", "importance matrix": "2/5 imp
 
 def make_job(source: str, kind: str, calibration: str):
     """The form -> a QuantizeJob: a folder (or repo id, downloaded), a type or a size budget."""
-    from ...commands.quantize import HUB_PATTERNS
-    from ...models import looks_like_repo, snapshot
-    from ...quantize.pipeline import QuantizeJob, parse_budget
+    from edgellm.commands.quantize import HUB_PATTERNS
+    from edgellm.models import looks_like_repo, snapshot
+    from edgellm.quantize.pipeline import QuantizeJob, parse_budget
 
     source, kind = source.strip(), kind.strip() or "Q4_K_M"
     if not source:
@@ -102,7 +102,7 @@ class QuantizeScreen(Screen):
 
     @work(exclusive=True, group="quantize")
     async def run_job(self, source: str, kind: str, calibration: str) -> None:
-        from ...quantize.pipeline import Cancelled, run
+        from edgellm.quantize.pipeline import Cancelled, run
 
         stage, bar, report = self.query_one("#stage", Label), self.query_one("#progress", ProgressBar), \
             self.query_one("#report", Static)

@@ -10,7 +10,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, Label, ListItem, ListView
 
-from ..history import Conversation
+from edgellm.tui.history import Conversation
 
 
 def when(t: float) -> str:
