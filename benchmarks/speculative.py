@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prompts import EDIT, GENERATION
 
-from edgellm.runtime.engine import Engine, Stats
+from edgellm.decoding.records import Stats
+from edgellm.runtime.engine import Engine
 from edgellm.runtime.sampling import SamplingParams
 from edgellm.speculative.costs import CostCurve, load_or_measure
 from edgellm.speculative.drafters import (

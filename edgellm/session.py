@@ -12,8 +12,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgellm.decoding.records import Record
 from edgellm.runtime.backend import llama_thread
-from edgellm.runtime.engine import Engine, Record
+from edgellm.runtime.engine import Engine
 from edgellm.runtime.sampling import SamplingParams
 
 

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from edgellm.decoding.records import Record, Stats
 from edgellm.model_defaults import resolve_defaults
-from edgellm.runtime.engine import Engine, Record, Stats
+from edgellm.runtime.engine import Engine
 from edgellm.runtime.sampling import SamplingParams
 from edgellm.session import ChatSession
 from edgellm.tui.app import ChatApp

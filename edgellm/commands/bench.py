@@ -75,12 +75,13 @@ def run_parallel(engine: Engine, n: int, n_prompt: int, n_gen: int, rng: random.
     while any(not r.records for r in requests):
         scheduler.step()
     t_decode = time.perf_counter()
+    steps = scheduler.steps
     scheduler.run()
     t1 = time.perf_counter()
     scheduler.close()
     generated = sum(r.stats.generated_tokens - 1 for r in requests)  # the first comes out of the prefill
     return {"aggregate_tps": generated / (t1 - t_decode), "prefill_s": t_decode - t0,
-            "tps": [r.stats.decode_tps for r in requests]}
+            "tps": [r.stats.decode_tps for r in requests], "decode_steps": scheduler.steps - steps}
 
 
 def bench_parallel(a: argparse.Namespace) -> int:
@@ -99,7 +100,8 @@ def bench_parallel(a: argparse.Namespace) -> int:
     middle = sorted(runs, key=lambda r: r["aggregate_tps"])[len(runs) // 2]
     out = {"model": str(engine.path), "parallel": n, "n_prompt": n_prompt, "n_gen": a.n_gen,
            "threads": engine.n_threads, "aggregate_tps": middle["aggregate_tps"], "tps": middle["tps"],
-           "prefill_s": middle["prefill_s"], "samples": [r["aggregate_tps"] for r in runs]}
+           "prefill_s": middle["prefill_s"], "decode_steps": middle["decode_steps"],
+           "samples": [r["aggregate_tps"] for r in runs]}
     if a.json:
         print(json.dumps(out))
     else:

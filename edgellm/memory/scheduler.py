@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edgellm.decoding.emitter import Drafting, Emitter
+from edgellm.decoding.records import Record, Stats
 from edgellm.errors import CacheTrimError, EdgeLLMError
 from edgellm.memory.pressure import MemoryWatch
 from edgellm.runtime import kvfile
 from edgellm.runtime.context import KVSequence, TokenBatch, common_prefix
-from edgellm.runtime.engine import Engine, Record, Stats, finish_after
+from edgellm.runtime.engine import Engine
 from edgellm.runtime.sampling import Sampler, SamplingParams
 from edgellm.speculative.batched import Lookahead
 from edgellm.speculative.costs import load_or_prior
 from edgellm.speculative.policy import Policy
-from edgellm.textstream import TextStream
 
 
 @dataclass
@@ -53,24 +54,21 @@ class Request:
     prompt: list[int]
     sampling: SamplingParams
     max_tokens: int
-    stop: Sequence[str] = ()
-    ignore_eog: bool = False
+    emitter: Emitter  # text, stops, finish, stats and timing: the same as a single sequence's
     session: str | None = None  # requests of one conversation share a slot (and its KV prefix)
     cancel: threading.Event | None = None
     records: list[Record] = field(default_factory=list)  # appended as they are made
-    stats: Stats = field(init=False)
     slot: Slot | None = None
     done: bool = False
     _todo: list[int] = field(default_factory=list)  # prompt tokens not yet in the KV cache
     _next: int | None = None  # the last sampled token, decoded by the next step
     _sampler: Sampler | None = None
     _spec: Lookahead | None = None  # per-sequence speculation (Scheduler.policy)
-    _text: TextStream | None = None
-    _t0: float = 0.0
-    _t_first: float = 0.0
 
-    def __post_init__(self) -> None:
-        self.stats = Stats(prompt_tokens=len(self.prompt))
+    @property
+    def stats(self) -> Stats:
+        """The statistics as the last record left them."""
+        return self.records[-1].stats if self.records else self.emitter.stats
 
     @property
     def text(self) -> str:
@@ -125,8 +123,11 @@ class Scheduler:
         if len(prompt) >= self.cells:
             raise EdgeLLMError(f"the prompt is {len(prompt)} tokens but a slot holds {self.cells}; "
                                "use a larger --ctx or fewer slots")
-        request = Request(list(prompt), sampling or SamplingParams(), max_tokens, tuple(stop), ignore_eog,
-                          session, cancel)
+        bad = next((t for t in prompt if not 0 <= t < self.engine.n_vocab), None)
+        if bad is not None:
+            raise EdgeLLMError(f"token {bad} is outside the model's vocabulary of {self.engine.n_vocab}")
+        emitter = Emitter(self.engine, len(prompt), self.cells, stop, max_tokens, cancel, ignore_eog)
+        request = Request(list(prompt), sampling or SamplingParams(), max_tokens, emitter, session, cancel)
         self.waiting.append(request)
         return request
 
@@ -144,12 +145,11 @@ class Scheduler:
         while self.step():
             pass
 
-    @property
-    def idle(self) -> bool:
-        return not self.waiting and not self.active
-
     # -- slots ------------------------------------------------------------------------------------
     def _admit(self) -> None:
+        for request in [r for r in self.waiting if r.emitter.cancelled]:  # cancelled while queued
+            self.waiting.remove(request)
+            self._end(request, "cancelled")
         while self.waiting:
             request = self.waiting[0]
             slot = self._slot_for(request)
@@ -199,7 +199,6 @@ class Scheduler:
             kvfile.remove(path)
 
     def _start(self, request: Request, slot: Slot) -> None:
-        request._t0 = time.perf_counter()
         keep = min(common_prefix(slot.tokens, request.prompt), len(request.prompt) - 1)
         try:
             slot.kv.trim(keep)
@@ -208,12 +207,11 @@ class Scheduler:
         slot.busy, slot.session, slot.last_used = True, request.session, time.monotonic()
         request.slot = slot
         request._todo = request.prompt[keep:]
-        request.stats.prefilled_tokens = len(request._todo)
+        request.emitter.stats.prefilled_tokens = len(request._todo)
+        request._sampler = Sampler(request.sampling, self.engine.n_vocab, request.prompt)
         if self.policy is not None:
-            request._spec = Lookahead(self.policy, self.engine, request.sampling, request.prompt)
-        else:
-            request._sampler = Sampler(request.sampling, self.engine.n_vocab, request.prompt)
-        request._text = TextStream(request.stop)
+            request.emitter.drafting = Drafting(plain_t1=self.policy.curve.t1)
+            request._spec = Lookahead(self.policy, self.engine, request._sampler, request.prompt)
         self.active.append(request)
 
     # -- one step ---------------------------------------------------------------------------------
@@ -223,12 +221,16 @@ class Scheduler:
         if self.watch is not None:
             self._relieve()
         self._admit()
+        for r in [r for r in self.active if r.emitter.cancelled]:  # cancelled while prefilling or decoding
+            self._cancel(r)
+        self.active = [r for r in self.active if not r.done]
         if not self.active:
             return False
         batch = self._batch
         batch.clear()
         rows: list[tuple[Request, int, list[int]]] = []  # requests that pick from this step: row, draft
         added: list[tuple[Slot, list[int]]] = []
+        prefills: list[tuple[Request, int]] = []  # prompt tokens each request puts in this step
         capacity = self.engine.n_batch
         decoding = [r for r in self.active if r._next is not None]
         logit_rows = len(decoding) + sum(1 for r in self.active if r._todo)  # one each, before drafts
@@ -237,41 +239,68 @@ class Scheduler:
             assert slot is not None and r._next is not None
             draft: list[int] = []
             if r._spec is not None:
-                room = min(self.cells - len(slot.tokens) - 2, r.max_tokens - r.stats.generated_tokens - 1,
+                room = min(self.cells - len(slot.tokens) - 2, r.max_tokens - r.emitter.stats.generated_tokens - 1,
                            self.engine.n_outputs - logit_rows, capacity - batch.n - len(decoding))
                 # rows in the step without this draft: those added, this one's and the others' pending tokens
                 draft = r._spec.draft([*slot.tokens, r._next], room, batch.n + len(decoding) - i, len(decoding))
                 logit_rows += len(draft)
             row = batch.add(r._next, len(slot.tokens), (slot.kv.seq_id,), True)
-            for i, token in enumerate(draft, start=1):
-                batch.add(token, len(slot.tokens) + i, (slot.kv.seq_id,), True)
+            for j, token in enumerate(draft, start=1):
+                batch.add(token, len(slot.tokens) + j, (slot.kv.seq_id,), True)
             rows.append((r, row, draft))
             added.append((slot, [r._next, *draft]))
-            r._next = None
         for r in self.active:
             if r._todo and batch.n < capacity:
                 slot = r.slot
                 assert slot is not None
                 chunk = r._todo[:capacity - batch.n]
-                del r._todo[:len(chunk)]
-                for i, token in enumerate(chunk):
-                    last = not r._todo and i == len(chunk) - 1
-                    row = batch.add(token, len(slot.tokens) + i, (slot.kv.seq_id,), last)
+                for j, token in enumerate(chunk):
+                    last = len(chunk) == len(r._todo) and j == len(chunk) - 1
+                    row = batch.add(token, len(slot.tokens) + j, (slot.kv.seq_id,), last)
                     if last:
                         rows.append((r, row, []))
                 added.append((slot, chunk))
-        batch.decode(self.engine.ctx)
+                prefills.append((r, len(chunk)))
+        try:
+            batch.decode(self.engine.ctx)
+        except EdgeLLMError as e:
+            self._fail(added, str(e))
+            return True
         self.steps += 1
         for slot, tokens in added:
             slot.tokens.extend(tokens)
+        for r, n in prefills:
+            del r._todo[:n]
+        for r, _, _ in rows:
+            r._next = None
         for r, row, draft in rows:
-            if r._spec is None:
-                assert r._sampler is not None
-                self._take(r, r._sampler.sample(self.engine.ctx, row))
-            else:
-                self._verify(r, row, draft)
+            try:
+                if r._spec is None:
+                    assert r._sampler is not None
+                    self._take(r, r._sampler.sample(self.engine.ctx, row))
+                else:
+                    self._verify(r, row, draft)
+            except EdgeLLMError as e:  # damaged logits: this reply ends, the others go on
+                self._end(r, "error", str(e))
         self.active = [r for r in self.active if not r.done]
         return True
+
+    def _fail(self, added: list[tuple[Slot, list[int]]], why: str) -> None:
+        """A failed llama_decode: every request in the step ends with the error, each slot keeps what it
+        held before the step; the requests that were not in it go on."""
+        for slot, _ in added:
+            slot.kv.forget_unheld()  # whatever llama.cpp placed of this step goes
+        in_step = {id(slot) for slot, _ in added}
+        for r in [r for r in self.active if r.slot is not None and id(r.slot) in in_step]:
+            self._end(r, "error", f"decoding failed: {why}")
+        self.active = [r for r in self.active if not r.done]
+
+    def _cancel(self, r: Request) -> None:
+        """A cancel seen between steps: the reply ends; the slot keeps the tokens it has decoded."""
+        if r._todo:  # the prompt is only partly in the KV cache: the slot is no one's prefix
+            assert r.slot is not None
+            r.slot.session = None
+        self._end(r, "cancelled")
 
     def _relieve(self) -> None:
         """One stage of giving way per low reading; back to accepting sessions once memory is back."""
@@ -294,61 +323,57 @@ class Scheduler:
         if what:
             self.events.append(what)
             for r in self.active:
-                r.records.append(Record("", None, r.stats, event=f"memory low: {what}"))
+                r.records.append(r.emitter.event(f"memory low: {what}"))
 
     def _verify(self, r: Request, row: int, draft: list[int]) -> None:
         """The drafted tokens the target keeps, then its own next token; rejected ones leave the KV."""
         assert r._spec is not None and r.slot is not None
         before = len(r.slot.tokens) - len(draft)  # the pending token and the draft were appended
-        path, token = r._spec.verify(row, draft, r.slot.tokens[:before])
-        r.slot.kv.trim(before + len(path))
-        if draft:
-            r.stats.drafted_tokens += len(draft)
-            r.stats.draft_steps += 1
+        path, token = r._spec.verify(row, draft)
+        self._rewind(r.slot, before + len(path))
+        if draft and r.emitter.drafting is not None:
+            r.emitter.drafting.drafted_tokens += len(draft)
+            r.emitter.drafting.draft_steps += 1
         for i, accepted in enumerate(path):
             if not self._take(r, accepted, from_draft=True):  # finished on a drafted token
-                r.slot.kv.trim(before + i + 1)
-                r._next = None
+                self._rewind(r.slot, before + i)
                 r._spec.settle(r.slot.tokens, len(draft), i + 1)
                 return
-            r._next = None
-            r.stats.accepted_tokens += 1
         r._spec.settle(r.slot.tokens, len(draft), len(path))
         if not r._spec.pays:  # lookups cost this sequence more than they return: decode plainly
             r._spec = None
-            r._sampler = Sampler(r.sampling, self.engine.n_vocab, r.slot.tokens)
         self._take(r, token)
+
+    def _rewind(self, slot: Slot, n: int) -> None:
+        try:
+            slot.kv.trim(n)
+        except CacheTrimError:  # speculation is refused for such models (speculative/setup.py): a safety net
+            slot.session = None
 
     def _take(self, r: Request, token: int, from_draft: bool = False) -> bool:
         """Emit a token the target chose; False when the reply ended with it. A drafted token is in the
         KV cache already; any other becomes the next step's pending token."""
-        assert r._text is not None and r.slot is not None
-        now = time.perf_counter()
-        if r.stats.generated_tokens == 0 and not r.records:
-            r._t_first = now
-            r.stats.prefill_s = now - r._t0
-        r.stats.decode_s = now - r._t_first
-        if not r.ignore_eog and self.engine.is_eog(token):
-            self._finish(r, Record(r._text.flush(), None, r.stats, finish_reason="eog"))
+        record = r.emitter.emit(token, from_draft)
+        r.records.append(record)
+        if record.finish_reason:
+            self._finish(r)
             return False
-        r.stats.generated_tokens += 1
-        piece = r._text.push(self.engine.token_bytes(token))
-        finish = finish_after(r.stats, r._text, r.max_tokens, r.cancel, len(r.slot.tokens), self.cells)
-        if finish:
-            self._finish(r, Record(piece + r._text.flush(), token, r.stats, from_draft, finish))
-            return False
-        r._next = token
-        r.records.append(Record(piece, token, r.stats, from_draft))
+        if not from_draft:
+            r._next = token
         return True
 
-    def _finish(self, r: Request, last: Record) -> None:
-        r.records.append(last)
+    def _end(self, r: Request, reason: str, event: str | None = None) -> None:
+        r.records.append(r.emitter.end(reason, event))
+        self._finish(r)
+
+    def _finish(self, r: Request) -> None:
         r.done = True
+        r._next = None
         if r._sampler is not None:
             r._sampler.close()
         slot = r.slot
-        assert slot is not None
-        slot.busy, slot.last_used = False, time.monotonic()
+        if slot is not None:
+            slot.busy, slot.last_used = False, time.monotonic()
 
     def close(self) -> None:
         self._batch.free()

@@ -32,13 +32,6 @@ class KVSequence:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def can_trim(self, n: int) -> bool:
-        """Whether the first n positions can be kept and the rest dropped: always for a cache that keeps
-        every position; not once a sliding window or a recurrent state has let the early ones go."""
-        if n >= len(self.tokens) or n == 0:
-            return True
-        return C.llama_memory_seq_pos_min(self.memory, self.seq_id) <= 0
-
     def trim(self, n: int) -> None:
         """Keep the first n positions; drop the rest.
 
@@ -58,6 +51,10 @@ class KVSequence:
             raise CacheTrimError(f"the KV cache could not drop its last {cut} positions and was emptied")
         del self.tokens[n:]
 
+    def forget_unheld(self) -> None:
+        """Drop any cells past the tokens it holds (what a failed llama_decode may have placed)."""
+        C.llama_memory_seq_rm(self.memory, self.seq_id, len(self.tokens), -1)
+
     def clear(self) -> None:
         C.llama_memory_seq_rm(self.memory, self.seq_id, -1, -1)
         self.tokens = []
@@ -70,12 +67,6 @@ class KVSequence:
     def share_cells(self, dest: int, p0: int = -1, p1: int = -1) -> None:
         """Make positions [p0, p1) visible to sequence `dest` too (no copy in a unified cache)."""
         C.llama_memory_seq_cp(self.memory, self.seq_id, dest, p0, p1)
-
-    def fork(self, other: KVSequence) -> None:
-        """`other` becomes a copy of this sequence (a conversation branched)."""
-        other.clear()
-        self.share_cells(other.seq_id)
-        other.tokens = list(self.tokens)
 
 
 class TokenBatch:

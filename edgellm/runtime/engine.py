@@ -10,23 +10,22 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import llama_cpp as C
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from edgellm.decoding.records import Record
+from edgellm.decoding.stream import Speculating, stream_generate
 from edgellm.errors import CacheTrimError, EdgeLLMError
 from edgellm.gguf_info import read_info
 from edgellm.runtime.context import KVSequence, TokenBatch, common_prefix
 from edgellm.runtime.model import Model
 from edgellm.runtime.probe import KV_TYPES, ContextShape
-from edgellm.runtime.sampling import Sampler, SamplingParams, logits_row
-from edgellm.textstream import TextStream
+from edgellm.runtime.sampling import SamplingParams, logits_row
 
 DEFAULT_CTX = 4096
 
@@ -56,104 +55,6 @@ class LoadOptions:
     # peak RSS 1,949 MiB instead of 1,353, at the same prefill and decode speed (README).
     use_mmap: bool = False
     eval_callback: object = None  # a ggml_backend_sched_eval_callback (the importance matrix uses one)
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0  # tokens in the prompt
-    prefilled_tokens: int = 0  # of those, decoded now (the rest were already in the KV cache)
-    generated_tokens: int = 0
-    drafted_tokens: int = 0  # proposed by a drafter (speculative decoding)
-    accepted_tokens: int = 0  # of those, accepted by the target
-    draft_steps: int = 0  # verifications that carried a draft
-    plain_estimate_s: float = 0.0  # what plain decoding would have taken (speculative: from the cost curve)
-    prefill_s: float = 0.0
-    decode_s: float = 0.0  # from the first sampled token to the last
-
-    @property
-    def reused_tokens(self) -> int:
-        return self.prompt_tokens - self.prefilled_tokens
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        # the first token comes out of the prefill; the decode phase makes the others
-        n = self.generated_tokens - 1
-        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
-
-    @property
-    def speedup(self) -> float:
-        """Estimated speedup over plain decoding (speculative decoding only; 0 otherwise)."""
-        return self.plain_estimate_s / self.decode_s if self.plain_estimate_s and self.decode_s else 0.0
-
-    @property
-    def mean_accepted(self) -> float:
-        """Drafted tokens accepted per verification that carried a draft."""
-        return self.accepted_tokens / self.draft_steps if self.draft_steps else 0.0
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "prompt_tokens": self.prompt_tokens, "prefilled_tokens": self.prefilled_tokens,
-            "reused_tokens": self.reused_tokens, "generated_tokens": self.generated_tokens,
-            "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
-            "draft_steps": self.draft_steps, "acceptance": round(self.acceptance, 4),
-            "mean_accepted": round(self.mean_accepted, 2), "speedup": round(self.speedup, 3),
-            "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
-            "prefill_tps": round(self.prefill_tps, 2), "decode_tps": round(self.decode_tps, 2),
-        }
-
-
-@dataclass
-class Record:
-    """One step of a stream: the text it adds (may be empty mid-character), and where we are."""
-
-    text: str
-    token: int | None
-    stats: Stats
-    from_draft: bool = False
-    # set on the last record: "eog" | "stop" | "repetition" | "length" | "context" | "cancelled"
-    finish_reason: str | None = None
-    event: str | None = None  # a notice for the user beside the text (memory pressure): stderr, status line
-
-    @property
-    def finish_words(self) -> str:
-        """Why the reply ended, in words for a status line ("" mid-stream)."""
-        return FINISH_WORDS.get(self.finish_reason or "", self.finish_reason or "")
-
-
-class Speculating(Protocol):
-    """What Engine.generate needs of a speculator (speculative.setup.Speculator): its step generator."""
-
-    def generate(self, engine: Engine, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int,
-                 stop: Sequence[str], cancel: threading.Event | None, ignore_eog: bool) -> Iterator[Record]: ...
-
-
-def finish_after(stats: Stats, text: TextStream, max_tokens: int, cancel: threading.Event | None,
-                 used: int, n_ctx: int) -> str | None:
-    """The one finish rule of every generator (plain, speculative, scheduled), after a token is emitted:
-    why the reply ends here, or None. `used`: positions the sequence holds, so the next token would take
-    position `used`; the context is full when that is past its end."""
-    if text.stopped:
-        return text.reason
-    if stats.generated_tokens >= max_tokens:
-        return "length"
-    if cancel is not None and cancel.is_set():
-        return "cancelled"
-    if used >= n_ctx:
-        return "context"
-    return None
-
-
-# why a reply ended, in words for a status line
-FINISH_WORDS = {"eog": "end of turn", "stop": "stop string", "repetition": "stopped: repeating itself",
-                "length": "token limit", "context": "context full", "cancelled": "stopped"}
 
 
 def context_shape(options: LoadOptions, n_ctx: int) -> ContextShape:
@@ -208,6 +109,9 @@ class Engine:
         self.memory = C.llama_get_memory(self.ctx)
         self.seq = KVSequence(self.ctx, 0)  # sequence 0: what generate() and prefill() work on
         self._batch = TokenBatch(self.n_batch, options.n_seq_max)
+        self._one = TokenBatch(1)  # one token of sequence 0 with logits: the plain decode's batch
+        self._one.add(0, 0, (0,), True)
+        self._one.raw.n_tokens = 1
 
     @classmethod
     def load(cls, spec: str | None = None, **options) -> Engine:
@@ -291,6 +195,28 @@ class Engine:
                                    f"({'KV cache full' if rc == 1 else 'compute error'})")
             self.kv_tokens.extend(chunk)
 
+    def decode_one(self, token: int) -> None:
+        """Append one token to sequence 0, logits for it: the plain decode's batch, reused (only the id and
+        the position change)."""
+        pos = len(self.kv_tokens)
+        if pos >= self.n_ctx:
+            raise EdgeLLMError(f"context full: {pos + 1} tokens do not fit in {self.n_ctx}")
+        b = self._one.raw
+        b.token[0], b.pos[0] = token, pos
+        rc = C.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise EdgeLLMError(f"llama_decode failed with code {rc} ({'KV cache full' if rc == 1 else 'compute error'})")
+        self.kv_tokens.append(token)
+
+    def rewind(self, n: int) -> None:
+        """Keep the first n positions of sequence 0. Where llama.cpp cannot drop a tail (a recurrent state, a
+        sliding window past n) the sequence was emptied: those n tokens are decoded again."""
+        held = self.kv_tokens[:n]
+        try:
+            self.truncate(n)
+        except CacheTrimError:
+            self.decode(held)
+
     def decode_tree(self, tokens: Sequence[int], positions: Sequence[int],
                     seq_ids: Sequence[Sequence[int]]) -> None:
         """Decode tokens that belong to several sequences at once (a token tree), logits for all.
@@ -330,67 +256,19 @@ class Engine:
         `ignore_eog` keeps going past end-of-generation tokens (benchmarks want a fixed length).
         `speculator` (speculative.setup.make_speculator) drafts tokens for the target to verify.
         """
-        sampling = sampling or SamplingParams()
         with self._lock:
-            if speculator is None:
-                yield from self._generate(list(prompt), sampling, max_tokens, stop, cancel, ignore_eog)
-            else:
-                yield from speculator.generate(self, prompt, sampling, max_tokens, stop, cancel, ignore_eog)
-
-    def _generate(self, prompt: list[int], sampling: SamplingParams, max_tokens: int,
-                  stop: Sequence[str], cancel: threading.Event | None,
-                  ignore_eog: bool) -> Iterator[Record]:
-        stats = Stats(prompt_tokens=len(prompt))
-        t0 = time.perf_counter()
-        stats.prefilled_tokens = self.prefill(prompt)
-        stats.prefill_s = time.perf_counter() - t0
-        sampler = Sampler(sampling, self.n_vocab, prompt)
-        text = TextStream(stop)
-        batch, ctx, vocab = self._batch, self.ctx, self.vocab
-        b = batch.raw
-        # A one-token batch is reused: per token only its id and position change.
-        b.n_tokens = 1
-        b.n_seq_id[0] = 1
-        b.seq_id[0][0] = 0
-        b.logits[0] = True
-        t_first = time.perf_counter()
-        finish = "length"
-        try:
-            for i in range(max_tokens):
-                token = sampler.sample(ctx, -1)
-                if i == 0:
-                    t_first = time.perf_counter()
-                if not ignore_eog and C.llama_vocab_is_eog(vocab, token):
-                    finish = "eog"
-                    break
-                stats.generated_tokens += 1
-                piece = text.push(self.token_bytes(token))
-                end = finish_after(stats, text, max_tokens, cancel, len(self.kv_tokens), self.n_ctx)
-                if end:
-                    stats.decode_s = time.perf_counter() - t_first
-                    yield Record(piece + text.flush(), token, stats, finish_reason=end)
-                    return
-                b.token[0] = token
-                b.pos[0] = len(self.kv_tokens)
-                rc = C.llama_decode(ctx, b)
-                if rc != 0:
-                    raise EdgeLLMError(f"llama_decode failed with code {rc}")
-                self.kv_tokens.append(token)
-                stats.decode_s = time.perf_counter() - t_first
-                yield Record(piece, token, stats)
-            stats.decode_s = time.perf_counter() - t_first
-            yield Record(text.flush(), None, stats, finish_reason=finish)
-        finally:
-            sampler.close()
+            yield from stream_generate(self, prompt, sampling or SamplingParams(), max_tokens, stop, cancel,
+                                       ignore_eog, speculator)
 
     def chat(self, messages: list[dict[str, str]], stop: Sequence[str] = (), **kwargs) -> Iterator[Record]:
         """Reply to `messages`; the turn also ends where the model writes its end-of-turn markers as text."""
         return self.generate(self.chat_tokens(messages), stop=[*stop, *self.turn_stops()], **kwargs)
 
     def close(self) -> None:
-        if getattr(self, "_batch", None) is not None:
-            self._batch.free()
-            self._batch = None
+        for name in ("_batch", "_one"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).free()
+                setattr(self, name, None)
         if getattr(self, "ctx", None):
             C.llama_free(self.ctx)
             self.ctx = None

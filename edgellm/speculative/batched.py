@@ -8,8 +8,8 @@ carry different token counts into equal-share micro-batches, so the draft rows r
 own: c(N) + c(D + k), with D draft rows already in the step (measured on SmolLM2, 4 sequences: one of
 them with 4 drafted tokens 43.7 ms, against 21.7 ms plain and 34.0 ms in a unified cache). On a 2-core CPU, where a
 batch is compute-bound, that rarely holds beside other sessions and often does for a lone one copying
-text. Verification and learning are decode.py's: the same picker (greedy, or rejection sampling), the
-same per-proposal scoring against the text that follows.
+text. Verification is the request's own Sampler (greedy, or rejection sampling on the chain's candidates);
+learning is the same per-proposal scoring against the text that follows as in decoding/steps.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import time
 from collections.abc import Sequence
 
 from edgellm.runtime.engine import Engine
-from edgellm.runtime.sampling import SamplingParams
-from edgellm.speculative.decode import _Picker
+from edgellm.runtime.sampling import Sampler
 from edgellm.speculative.drafters import EditAwareLookup
 from edgellm.speculative.policy import MARGIN, Policy
 
@@ -35,11 +34,10 @@ WARMUP_STEPS = 16  # steps before a sequence's lookups are judged on their bookk
 class Lookahead:
     count = 0
 
-    def __init__(self, policy: Policy, engine: Engine, sampling: SamplingParams, prompt: Sequence[int]) -> None:
+    def __init__(self, policy: Policy, engine: Engine, sampler: Sampler, prompt: Sequence[int]) -> None:
         self.policy = policy
         self.split = not engine.options.kv_unified  # draft rows cost as their own micro-batch
-        self.picker = _Picker(engine, sampling)
-        self.last_n = sampling.repeat_last_n if sampling.repeat_penalty != 1.0 else 0
+        self.ctx, self.sampler = engine.ctx, sampler
         self.drafter = EditAwareLookup()
         self.drafter.start(prompt)
         self.scoring: dict[int, tuple[list[int], int]] = {}  # entry -> (proposal, where it starts)
@@ -96,15 +94,15 @@ class Lookahead:
         drafted = rows - decoding + k
         return cost(max(decoding, 1)) + (cost(drafted) if drafted else 0.0)
 
-    def verify(self, row: int, draft: Sequence[int], tokens: Sequence[int]) -> tuple[list[int], int]:
+    def verify(self, row: int, draft: Sequence[int]) -> tuple[list[int], int]:
         """(accepted drafted tokens, the target's next token) from the rows of [pending, *draft]."""
         path: list[int] = []
         for i, token in enumerate(draft):
-            kept, choice = self.picker.verify(row + i, token, self._history(tokens, path))
+            kept, choice = self.sampler.verify(self.ctx, row + i, token)
             if not kept:
                 return path, choice
             path.append(token)
-        return path, self.picker.pick(row + len(draft), self._history(tokens, path))
+        return path, self.sampler.sample(self.ctx, row + len(draft))
 
     def settle(self, tokens: Sequence[int], drafted: int, accepted: int) -> None:
         t0 = time.perf_counter()
@@ -115,9 +113,6 @@ class Lookahead:
         self.drafter.feedback(tokens, accepted)
         self._score(tokens)
         self.bookkeeping_s += time.perf_counter() - t0
-
-    def _history(self, tokens: Sequence[int], path: list[int]) -> list[int]:
-        return [*tokens[-self.last_n:], *path] if self.last_n else []
 
     def _score(self, tokens: Sequence[int]) -> None:
         """Each proposal against the text that followed, verified or not: the policy learns while off."""

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from edgellm.decoding.emitter import Drafting
+from edgellm.decoding.steps import Step, speculative_steps
 from edgellm.errors import EdgeLLMError
 from edgellm.memory.pressure import MemoryWatch
 from edgellm.models import find_draft, resolve
-from edgellm.runtime.engine import Engine, LoadOptions, Record
-from edgellm.runtime.sampling import SamplingParams
-from edgellm.speculative import decode
+from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.sampling import Sampler
 from edgellm.speculative.costs import keep_refined, load_or_prior
 from edgellm.speculative.drafters import Combined, Drafter, DraftModel, EditAwareLookup, PromptLookup, check_vocab_compatible
 from edgellm.speculative.policy import Policy
@@ -29,17 +29,18 @@ class Speculator:
     target: Engine | None = None  # whose cost curve the policy refines (kept on close)
     watch: MemoryWatch | None = None  # memory pressure: drop the draft model when MemAvailable runs low
 
-    def generate(self, engine: Engine, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int,
-                 stop: Sequence[str], cancel: threading.Event | None, ignore_eog: bool) -> Iterator[Record]:
-        """The step generator Engine.generate runs when a speculator is given (the engine never imports
-        this package). Under memory pressure (`watch`) the draft model is dropped between two tokens and
-        the reply goes on with lookup drafts; an event record says so."""
-        for record in decode.generate(engine, prompt, self.drafter, self.policy, sampling, max_tokens, stop,
-                                      cancel, ignore_eog, self.tree_width):
-            yield record
-            if (record.finish_reason is None and self.watch is not None and self.draft_engine is not None
-                    and self.watch.low()):
-                yield Record("", None, record.stats, event=f"memory low: {self.drop_draft()}")
+    def steps(self, engine: Engine, sampler: Sampler, prompt: Sequence[int], drafting: Drafting,
+              max_tokens: int) -> Iterator[Step]:
+        """The step generator Engine.generate runs when a speculator is given (decoding/stream.py)."""
+        return speculative_steps(engine, sampler, prompt, self.drafter, self.policy, drafting, max_tokens,
+                                 self.tree_width)
+
+    def relieve(self) -> str | None:
+        """Under memory pressure (`watch`) the draft model is dropped between two tokens and the reply goes
+        on with lookup drafts."""
+        if self.watch is None or self.draft_engine is None or not self.watch.low():
+            return None
+        return self.drop_draft()
 
     def drop_draft(self) -> str | None:
         """Unload the draft model and go on with the free lookup drafts (memory pressure); None when

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from edgellm.runtime.engine import Engine
+if TYPE_CHECKING:
+    from edgellm.runtime.engine import Engine
+from edgellm.runtime.sampling import Sampler
 
 
 @dataclass
@@ -38,7 +41,7 @@ def build(candidates: Sequence[Sequence[int]]) -> list[Node]:
     return nodes
 
 
-def verify(engine: Engine, pending: int, nodes: list[Node], n_branches: int) -> tuple[list[int], int]:
+def verify(engine: Engine, sampler: Sampler, pending: int, nodes: list[Node], n_branches: int) -> tuple[list[int], int]:
     """Decode the tree after `pending`; return (accepted tokens, the target's next token). Greedy."""
     start = len(engine.kv_tokens)  # position of the pending token
     for branch in range(1, n_branches + 1):
@@ -51,7 +54,7 @@ def verify(engine: Engine, pending: int, nodes: list[Node], n_branches: int) -> 
     accepted: list[int] = []
     node, row = -1, 0
     while True:
-        best = int(engine.logits(row).argmax())
+        best = sampler.sample(engine.ctx, row)
         child = next((i for i, n in enumerate(nodes) if n.parent == node and n.token == best), None)
         if child is None:
             break

@@ -19,8 +19,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Tab, Tabs
 
+from edgellm.decoding.records import Record
 from edgellm.errors import EdgeLLMError
-from edgellm.runtime.engine import Record
 from edgellm.tui.history import Message
 from edgellm.tui.widgets import Bubble, ConversationList, Notice, PromptArea, StatusBar
 from edgellm.tui.widgets.status import memory_summary, reply_summary

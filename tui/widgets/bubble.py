@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
-from edgellm.runtime.engine import Record
+from edgellm.decoding.records import Record
 
 DRAFT_STYLE = "bold green"  # tokens accepted from a speculative draft
 LIVE_LINES = 12  # a streaming tail longer than this hands its finished paragraphs to the done part

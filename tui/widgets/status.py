@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from edgellm.runtime.engine import Record
+from edgellm.decoding.records import Record
 
 
 def reply_summary(record: Record) -> str:
