@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,13 +15,51 @@ import pytest
 from edgellm.models import resolve
 from edgellm.runtime.engine import Engine, LoadOptions
 
+# Variables of the caller's shell that would change what the tests see; the tests that need one set it.
+CLEARED_PREFIXES = ("HF_", "HUGGINGFACE_", "TEXTUAL_")  # the hub client (offline, cache, endpoint, token...), the TUI
+CLEARED = ("HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE", "DISABLE_TELEMETRY", "DO_NOT_TRACK",  # huggingface-hub
+           "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",  # hub_reachable
+           "NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES", "TTY_COMPATIBLE", "TTY_INTERACTIVE",  # rich's output
+           "EDGELLM_VERBOSE", "EDGELLM_SMOKE_SIGNAL")  # llama.cpp's log on stderr; a fault injected on purpose
+
 
 @pytest.fixture(scope="session", autouse=True)
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The same environment for every test (and the CLIs they start) whatever the caller's shell holds:
+    `HF_HUB_OFFLINE=1` there made the pull tests fail. EDGELLM_DEV_MODELS (where the dev models are) and
+    EDGELLM_CACHE (the build cache) are kept."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.startswith(CLEARED_PREFIXES) or name in CLEARED:
+                mp.delenv(name)
+        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))  # an empty hub cache: no model the user pulled
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        mp.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no test reaches the real hub
+        mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        mp.setenv("HF_HUB_DISABLE_XET", "1")  # the local test hub serves plain files
+        mp.setenv("EDGELLM_MODELS", str(tmp_path_factory.mktemp("models")))  # none of the user's (nor their drafts)
+        mp.setenv("EDGELLM_DATA", str(tmp_path_factory.mktemp("data")))  # chat history, the manifest: never the user's
+        for module in ("huggingface_hub.constants", "textual.constants"):
+            reread(mp, module)
+        yield
+
+
+def reread(mp: pytest.MonkeyPatch, module_name: str) -> None:
+    """A module that read the environment when first imported (maybe before the fixture ran) gets the values
+    a fresh import would read now."""
+    module = importlib.import_module(module_name)
+    spec = importlib.util.find_spec(module_name)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    for name, value in vars(fresh).items():
+        if name.isupper():
+            mp.setattr(module, name, value)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(hermetic_env: None) -> Path:
     """The chat history of every test (and the CLIs they start) lives here, never in the user's data dir."""
-    path = tmp_path_factory.mktemp("data")
-    os.environ["EDGELLM_DATA"] = str(path)
-    return path
+    return Path(os.environ["EDGELLM_DATA"])
 
 
 @pytest.fixture(scope="session")

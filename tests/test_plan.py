@@ -51,14 +51,15 @@ def test_dry_run_equals_the_real_load(name, smollm2, qwen05, gemma3):
         assert [c.windowed for c in predicted.kv] == [False, True]
 
 
-@pytest.mark.parametrize("name", ["smollm2", "gemma3", "qwen05"])
-def test_header_estimate_is_close_to_the_dry_run(name, smollm2, qwen05, gemma3):
+# measured (CPU dry runs): SmolLM2 +1.0%, Qwen2.5 0.5B +1.4%, Gemma 3 270M -14.6%
+@pytest.mark.parametrize(("name", "rel"), [("smollm2", 0.02), ("gemma3", 0.16), ("qwen05", 0.02)])
+def test_header_estimate_is_close_to_the_dry_run(name, rel, smollm2, qwen05, gemma3):
     info = read_info(model_path(name, smollm2, qwen05, gemma3))
     shape = ContextShape(n_ctx=4096, n_outputs=1)
     guess, truth = estimate(info, shape), dry_run(info, shape)
     assert guess.weights_bytes == truth.weights_bytes
     assert guess.kv_bytes == truth.kv_bytes
-    assert guess.compute_bytes == pytest.approx(truth.compute_bytes, rel=0.3)
+    assert guess.compute_bytes == pytest.approx(truth.compute_bytes, rel=rel)
 
 
 def test_the_plan_offloads_the_top_layers_that_fit(qwen05):
@@ -149,4 +150,4 @@ def test_models_lists_what_a_chat_on_each_needs_from_the_header(cli, smollm2):
     listed = json.loads(cli("models", "--json").stdout)
     smol = next(m for m in listed if m["name"] == "smollm2-135m" and m.get("needs_bytes"))
     plan = make_plan(smollm2, PlanRequest(speculative=True))
-    assert smol["needs_bytes"] == pytest.approx(plan.peak_bytes - plan.base_bytes, rel=0.1)
+    assert smol["needs_bytes"] == pytest.approx(plan.peak_bytes - plan.base_bytes, rel=0.07)  # measured: +5.5%

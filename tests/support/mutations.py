@@ -1,13 +1,16 @@
 """Structured mutations of a real GGUF file: where each field is, and the ways a file goes wrong there.
 
 `fields(data)` walks the header (as gguf_info does) and records each field's offset, width and kind;
-`mutations(data, n, seed)` yields (description, bytes): truncation at every section boundary, bit flips
-in counts, lengths, types, dimensions and offsets, huge counts, absurd dimensions, misaligned and
-overlapping tensor data, a tensor past the end, bad UTF-8 in keys and names, wrong value types.
+`tensors(data)` finds each tensor's data; `mutations(data, n, seed)` yields (description, bytes):
+truncation at every section boundary, bit flips in counts, lengths, types, dimensions and offsets, huge
+counts, absurd dimensions, misaligned and overlapping tensor data, a tensor past the end, bad UTF-8 in
+keys and names, wrong value types, and weights overwritten with NaN or ±inf (a valid header whose model
+computes non-finite logits: DAMAGED_WEIGHTS starts their descriptions).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import struct
 from collections.abc import Iterator
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 
 SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 STRING, ARRAY = 8, 9
+F32, F16, Q8_0, BF16 = 0, 1, 8, 30  # ggml tensor types whose every value can be made NaN or ±inf
+DAMAGED_WEIGHTS = "non-finite weights: "
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,75 @@ def fields(data: bytes) -> list[Field]:
     return out
 
 
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    ttype: int
+    n_elements: int
+    offset: int  # of its data, from the start of the file
+
+
+def tensors(data: bytes) -> list[Tensor]:
+    pos = 8
+
+    def take(fmt: str) -> int:
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def text() -> str:
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return data[pos - n:pos].decode()
+
+    def value(vtype: int) -> object:
+        nonlocal pos
+        if vtype == STRING:
+            return text()
+        if vtype == ARRAY:
+            etype, count = take("<I"), take("<Q")
+            for _ in range(count):
+                value(etype)
+            return None
+        pos += SCALAR_SIZES[vtype]
+        return int.from_bytes(data[pos - SCALAR_SIZES[vtype]:pos], "little")
+
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    kv = {text(): value(take("<I")) for _ in range(n_kv)}
+    infos = []
+    for _ in range(n_tensors):
+        name = text()
+        dims = [take("<Q") for _ in range(take("<I"))]
+        infos.append((name, take("<I"), math.prod(dims), take("<Q")))
+    align = kv.get("general.alignment") or 32
+    start = -(-pos // align) * align  # tensor data begins at the first aligned byte after the header
+    return [Tensor(name, ttype, n, start + offset) for name, ttype, n, offset in infos]
+
+
+def non_finite(t: Tensor, special: float) -> bytes | None:
+    """Every value of tensor `t` made `special` (NaN, inf or -inf) in its own type: a whole norm vector or
+    embedding, so that every logit comes out non-finite (one value could vanish in quantized matmuls)."""
+    if t.ttype == F32:
+        return struct.pack("<f", special) * t.n_elements
+    if t.ttype == F16:
+        return struct.pack("<e", special) * t.n_elements
+    if t.ttype == BF16:
+        return struct.pack("<f", special)[2:] * t.n_elements
+    if t.ttype == Q8_0:  # blocks of a float16 scale and 32 int8: the scale makes every value non-finite
+        return (struct.pack("<e", special) + bytes([1] * 32)) * (t.n_elements // 32)
+    return None
+
+
 def mutations(data: bytes, n: int, seed: int = 0) -> Iterator[tuple[str, bytes]]:
     rng = random.Random(seed)
+    # the last norm and the embeddings first (every model has them), then the others; NaN, inf, -inf in turn
+    weights = [t for t in tensors(data) if non_finite(t, math.nan) is not None
+               and (t.name.endswith("norm.weight") or t.name == "token_embd.weight")]
+    rng.shuffle(weights)
+    weights.sort(key=lambda t: t.name not in ("output_norm.weight", "token_embd.weight"))
+    damaged = [(t, special) for t in weights for special in (math.nan, math.inf, -math.inf)]
     found = fields(data)
     boundaries = [f.offset for f in found if f.kind == "boundary"]
     by_kind: dict[str, list[Field]] = {}
@@ -85,7 +157,7 @@ def mutations(data: bytes, n: int, seed: int = 0) -> Iterator[tuple[str, bytes]]
 
     for i in range(n):
         buf = bytearray(data)
-        kind = i % 10
+        kind = i % 11
         if kind == 0:  # truncation at a section boundary (or just before or after one)
             at = rng.choice(boundaries) + rng.choice((-1, 0, 1, 7))
             yield f"truncated at byte {at}", bytes(buf[:max(at, 0)])
@@ -136,6 +208,13 @@ def mutations(data: bytes, n: int, seed: int = 0) -> Iterator[tuple[str, bytes]]
             put(buf, f, rng.choice((13, 99, 2**31, 2**32 - 1, 4, 8, 9)))
             yield f"wrong {f.kind} at byte {f.offset}", bytes(buf)
             continue
-        f = rng.choice(by_kind["ndims"])  # kind 9: dimension counts out of range
-        put(buf, f, rng.choice((0, 5, 255, 2**32 - 1)))
-        yield f"{buf[f.offset]} dimensions at byte {f.offset}", bytes(buf)
+        if kind == 9:  # dimension counts out of range
+            f = rng.choice(by_kind["ndims"])
+            put(buf, f, rng.choice((0, 5, 255, 2**32 - 1)))
+            yield f"{buf[f.offset]} dimensions at byte {f.offset}", bytes(buf)
+            continue
+        # kind 10: a valid file whose weights hold NaN or ±inf (a damaged download, a broken conversion)
+        t, special = damaged[(i // 11) % len(damaged)]
+        values = non_finite(t, special)
+        buf[t.offset:t.offset + len(values)] = values
+        yield f"{DAMAGED_WEIGHTS}{special} in all of {t.name} at byte {t.offset}", bytes(buf)
