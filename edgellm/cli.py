@@ -19,6 +19,7 @@ COMMANDS = {
     "plan": ("plan", "what loading a model takes in memory, where each part goes, and what fits"),
     "bench": ("bench", "measure prompt and decode speed (like llama-bench)"),
     "quantize": ("quantize", "convert a Hugging Face model folder to a low-bit GGUF"),
+    "serve": ("serve", "serve OpenAI- and Ollama-compatible APIs on localhost"),
 }
 
 

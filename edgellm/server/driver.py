@@ -1,0 +1,332 @@
+"""The server's llama thread: every llama.cpp call of the process runs here, in one loop.
+
+HTTP handlers (the event loop) hand it jobs and await their records; it loads each model through the
+process's model manager, tokenizes the job's messages with the model's own template, submits it to that
+model's scheduler, steps every scheduler that has work, and posts each job's new records back to the
+event loop. It sleeps while no request is active. A cancel (a client gone, a shutdown) is an Event the
+scheduler reads between steps, so a job is freed wherever it is: queued, prefilling or decoding. A failed
+step ends only the requests of that model's step (the scheduler's rule); the driver goes on.
+
+Shape: mlx-lm's server.py (a request queue, one generation thread, a context per request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import EdgeLLMError
+from edgellm.memory.manager import Loaded, process_manager
+from edgellm.memory.pressure import default_watch
+from edgellm.memory.scheduler import Request, Scheduler
+from edgellm.model_defaults import resolve_defaults
+from edgellm.options import Planned, planned_load
+from edgellm.runtime.backend import llama_thread
+from edgellm.runtime.engine import Engine
+from edgellm.server.catalog import Entry
+
+log = logging.getLogger("edgellm.serve")
+
+
+class ServeError(EdgeLLMError):
+    """An error a request gets as an HTTP status and a message."""
+
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+@dataclass(frozen=True)
+class Settings:
+    """`edgellm serve`'s load settings: each model is planned as `run` plans it, with `parallel` slots."""
+
+    parallel: int | None = None  # None: 4 where memory allows (the planner picks fewer when not)
+    ctx: int | None = None  # per slot
+    threads: int | None = None
+    gpu_layers: int | None = None
+    kv_type: str | None = None
+    draft: str = "auto"
+    keep_alive_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Started:
+    """Posted first: the job is in a slot's queue."""
+
+    prompt_tokens: int
+    load_s: float  # the model's load, when this job caused it
+
+
+DONE = object()  # posted last
+
+
+@dataclass
+class Job:
+    entry: Entry
+    messages: list[dict[str, Any]] | None  # a chat, rendered through the model's template
+    prompt: str | None  # or a raw completion
+    sampling: dict[str, Any]  # settings the request gave (None: the model's default)
+    max_tokens: int | None
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    n_ctx: int | None = None  # Ollama's num_ctx: a load with this context per slot
+    keep_alive_s: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    seen: int = 0  # records posted so far (the llama thread's)
+
+    def post(self, item: object) -> None:
+        """From the llama thread: hand an item to the awaiting handler."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits it any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass
+class Served:
+    """A model loaded for serving: the manager's handle (held while it has jobs) and its scheduler."""
+
+    key: tuple[Path, int | None]
+    name: str
+    planned: Planned  # the plan it was loaded with: acquiring it again gives the same engine
+    loaded: Loaded
+    scheduler: Scheduler
+    held: bool = True
+    jobs: list[tuple[Job, Request]] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+    keep_alive_s: float = 300.0
+
+    @property
+    def engine(self) -> Engine:
+        return self.loaded.engine
+
+    @property
+    def expires_at(self) -> float:
+        """Wall-clock time of its unload when idle (Ollama's /api/ps)."""
+        return time.time() + max(0.0, self.keep_alive_s - (time.monotonic() - self.last_used)) if not self.jobs \
+            else time.time() + self.keep_alive_s
+
+
+class Driver:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.manager = process_manager()
+        self.manager.keep_alive_s = settings.keep_alive_s
+        self._inbox: queue.SimpleQueue[Job | Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._served: dict[tuple[Path, int | None], Served] = {}
+        self._lock = threading.Lock()  # guards `loaded_view` (read by HTTP handlers)
+        self.loaded_view: list[dict[str, Any]] = []
+        self.swap_dir = Path(tempfile.mkdtemp(prefix="edgellm-serve-"))
+        self._future = None
+
+    # -- from the event loop ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._future = llama_thread().submit(self._run)
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+        self._wake.set()
+
+    def cancel(self, job: Job) -> None:
+        job.cancel.set()
+        self._wake.set()
+
+    def stop_soon(self) -> None:
+        """A signal handler's part: cancel every job now (their streams end); the loop ends once idle."""
+        self._stopping = True
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel every job (their streams end with "cancelled"), unload the models, remove swap files."""
+        self._stopping = True
+        self._wake.set()
+        if self._future is not None:
+            self._future.result(timeout)
+        shutil.rmtree(self.swap_dir, ignore_errors=True)
+
+    def loaded(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.loaded_view)
+
+    # -- on the llama thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                self._take_inbox()
+                if self._stopping:
+                    self._cancel_all()
+                busy = False
+                for served in list(self._served.values()):
+                    if served.scheduler.active or served.scheduler.waiting:
+                        busy = True
+                        self._step(served)
+                if self._stopping and not busy:
+                    return
+                self._idle()
+                self._publish()
+                if not busy:
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+        finally:
+            for served in list(self._served.values()):
+                self._unload(served)
+            self.manager.close()
+            self._publish()
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if job.cancel.is_set() or self._stopping:
+                job.post(ServeError("cancelled", 499))
+                continue
+            try:
+                self._start(job)
+            except ServeError as e:
+                job.post(e)
+            except EdgeLLMError as e:
+                job.post(ServeError(str(e), 400))
+
+    def _start(self, job: Job) -> None:
+        t0 = time.perf_counter()
+        served = self._served_for(job)
+        load_s = time.perf_counter() - t0
+        engine, scheduler = served.engine, served.scheduler
+        if job.messages is not None:
+            tokens = engine.chat_tokens(job.messages)  # the template's errors: one EdgeLLMError line (400)
+            stop = [*job.stop, *engine.turn_stops()]
+        else:
+            tokens = engine.tokenize(job.prompt or "")
+            stop = list(job.stop)
+        if not tokens:
+            raise ServeError("the prompt is empty")
+        if len(tokens) >= scheduler.cells:
+            raise ServeError(f"the prompt is {len(tokens)} tokens but the context holds {scheduler.cells} "
+                             f"per request; send a shorter prompt or load the model with a larger context")
+        if not scheduler.accepting:
+            raise ServeError("memory is low: no new sessions until some frees", 503, retry_after=5)
+        defaults = resolve_defaults(engine.info, {k: v for k, v in job.sampling.items() if k in SAMPLING_FLAGS},
+                                    seed=job.sampling.get("seed"))
+        extra = {k: v for k, v in job.sampling.items() if k in ("frequency_penalty", "presence_penalty")
+                 and v is not None}
+        sampling = replace(defaults.sampling, **extra)
+        max_tokens = min(job.max_tokens or scheduler.cells, scheduler.cells)
+        request = scheduler.submit(tokens, sampling, max_tokens, stop=stop, cancel=job.cancel)
+        served.jobs.append((job, request))
+        served.last_used = time.monotonic()
+        if job.keep_alive_s is not None:
+            served.keep_alive_s = job.keep_alive_s
+        job.post(Started(len(tokens), load_s))
+
+    def _served_for(self, job: Job) -> Served:
+        key = (job.entry.path, job.n_ctx or self.settings.ctx)
+        served = self._served.get(key)
+        if served is not None and served.engine.ctx is None:  # the manager evicted it meanwhile
+            self._forget(served)
+            served = None
+        if served is not None:
+            if not served.held:
+                self._acquire(served.planned, job.entry)  # the same load: the manager hands the same engine back
+                served.held = True
+            return served
+        planned = self._plan(key, job.entry)
+        loaded = self._acquire(planned, job.entry)
+        scheduler = Scheduler(loaded.engine, self.swap_dir, watch=default_watch(), policy="auto")
+        served = Served(key, job.entry.name, planned, loaded, scheduler, keep_alive_s=self.settings.keep_alive_s)
+        self._served[key] = served
+        self._drop_evicted()
+        return served
+
+    def _plan(self, key: tuple[Path, int | None], entry: Entry) -> Planned:
+        s = self.settings
+        flags = argparse.Namespace(ctx=key[1], threads=s.threads, gpu_layers=s.gpu_layers, batch=512,
+                                   kv_type=s.kv_type, mmap=False, draft=s.draft)
+        try:
+            return planned_load(flags, entry.info, parallel=s.parallel or 4)
+        except EdgeLLMError as e:
+            raise ServeError(f"{entry.name} does not fit: {e}", 503, retry_after=30) from e
+
+    def _acquire(self, planned: Planned, entry: Entry) -> Loaded:
+        # no waiting here: the models in use are served by this very thread
+        try:
+            return self.manager.acquire(planned.path, planned.request, timeout=0, plan=planned.plan, **planned.extra)
+        except EdgeLLMError as e:
+            raise ServeError(f"{entry.name} cannot be loaded now: {e}", 503, retry_after=30) from e
+
+    def _drop_evicted(self) -> None:
+        for served in [s for s in self._served.values() if s.engine.ctx is None]:
+            self._forget(served)
+
+    def _forget(self, served: Served) -> None:
+        self._served.pop(served.key, None)
+
+    def _step(self, served: Served) -> None:
+        try:
+            served.scheduler.step()
+        except Exception as e:  # not a request's fault: end this model's requests, keep serving
+            log.exception("a step of %s failed", served.name)
+            for job, _ in served.jobs:
+                job.post(ServeError(f"generation failed: {e}", 500))
+            served.jobs.clear()
+            self._unload(served)
+            return
+        for job, request in list(served.jobs):
+            new = request.records[job.seen:]
+            if new:
+                job.post(list(new))
+                job.seen += len(new)
+            if request.done:
+                job.post(DONE)
+                served.jobs.remove((job, request))
+                served.last_used = time.monotonic()
+
+    def _idle(self) -> None:
+        """Release models with no jobs to the manager (it may evict them for another), and unload those whose
+        keep-alive ran out."""
+        now = time.monotonic()
+        for served in list(self._served.values()):
+            if served.jobs or served.scheduler.waiting:
+                continue
+            if served.held:
+                self.manager.release(served.loaded)
+                served.held = False
+            if now - served.last_used >= served.keep_alive_s:
+                self._unload(served)
+
+    def _unload(self, served: Served) -> None:
+        self._forget(served)
+        served.scheduler.close()
+        if served.held:
+            self.manager.release(served.loaded)
+            served.held = False
+        self.manager.unload(served.loaded)
+
+    def _cancel_all(self) -> None:
+        for served in self._served.values():
+            for job, _ in served.jobs:
+                job.cancel.set()
+
+    def _publish(self) -> None:
+        view = [{"name": s.name, "path": s.key[0], "plan": s.loaded.plan, "expires_at": s.expires_at,
+                 "n_ctx": s.scheduler.cells, "slots": len(s.scheduler.slots), "busy": len(s.jobs)}
+                for s in self._served.values()]
+        with self._lock:
+            self.loaded_view = view
+
+
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+

@@ -1,0 +1,189 @@
+"""OpenAI's API: POST /v1/chat/completions, POST /v1/completions (streamed as server-sent events or not),
+GET /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgellm.server import jobs
+from edgellm.server.catalog import Catalog
+from edgellm.server.driver import Driver, Job, ServeError
+from edgellm.server.limits import MAX_MESSAGES, MAX_STOPS, MAX_TOKENS
+
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs",
+               "logit_bias")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=512)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    n: int | None = Field(None, ge=1)
+    user: str | None = None
+    # llama.cpp's samplers beyond OpenAI's (llama-server takes them too)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=100.0)
+
+    def check(self) -> None:
+        if self.n is not None and self.n > 1:
+            raise ServeError("n > 1 is not supported: send one request per completion", 400)
+        extra = self.model_extra or {}
+        asked = [k for k in UNSUPPORTED if extra.get(k) not in (None, [], {})]
+        if asked:
+            raise ServeError(f"{', '.join(asked)}: not supported by this server yet", 400)
+        if len(self.stops()) > MAX_STOPS:
+            raise ServeError(f"at most {MAX_STOPS} stop strings", 400)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def settings(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "repeat_penalty": self.repeat_penalty, "seed": self.seed,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+def router(driver: Driver, catalog: Catalog) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/v1/models")
+    async def models() -> dict:
+        entries = await asyncio.to_thread(catalog.entries)
+        return {"object": "list", "data": [{"id": e.name, "object": "model", "created": int(e.modified),
+                                            "owned_by": "edgellm"} for e in entries]}
+
+    @r.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        body.check()
+        entry = await asyncio.to_thread(catalog.find, body.model)
+        job = Job(entry, [m.as_template_message() for m in body.messages], None, body.settings(),
+                  body.max_completion_tokens or body.max_tokens, body.stops(), asyncio.get_running_loop())
+        return await respond(driver, job, body, "chat.completion")
+
+    @r.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        body.check()
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ServeError("send one prompt per request", 400)
+        entry = await asyncio.to_thread(catalog.find, body.model)
+        job = Job(entry, None, prompts[0], body.settings(), body.max_tokens, body.stops(), asyncio.get_running_loop())
+        return await respond(driver, job, body, "text_completion")
+
+    return r
+
+
+async def respond(driver: Driver, job: Job, body: Sampling, kind: str):
+    started = await jobs.start(driver, job)
+    rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(events(driver, job, body.model, rid, created, kind, started.prompt_tokens,
+                                        include_usage), media_type="text/event-stream")
+    out = await jobs.collect(driver, job)
+    if out.finish_reason == "error":
+        raise ServeError(out.last.event if out.last and out.last.event else "generation failed", 500)
+    usage = usage_of(started.prompt_tokens, out.stats.generated_tokens)
+    if kind == "chat.completion":
+        choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
+                  "finish_reason": jobs.public_finish(out.finish_reason)}
+    else:
+        choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": jobs.public_finish(out.finish_reason)}
+    return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice],
+                         "usage": usage, "x_edgellm": jobs.extension(out.stats, out.finish_reason)})
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def events(driver: Driver, job: Job, model: str, rid: str, created: int, kind: str, prompt_tokens: int,
+                 include_usage: bool) -> AsyncIterator[str]:
+    chat = kind == "chat.completion"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, first: bool = False, **extra: Any) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    if chat:
+        yield chunk(None, None, first=True)
+    last = None
+    try:
+        async for record in jobs.records(driver, job):
+            last = record
+            if record.finish_reason is None and record.text:
+                yield chunk(record.text, None)
+            elif record.finish_reason is not None:
+                if record.finish_reason == "error":
+                    err = {"message": record.event or "generation failed", "type": "server_error", "code": 500}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    return
+                if record.text:
+                    yield chunk(record.text, None)
+                yield chunk(None, jobs.public_finish(record.finish_reason),
+                            x_edgellm=jobs.extension(record.stats, record.finish_reason))
+    except ServeError as e:
+        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': e.status}})}\n\n"
+        return
+    if include_usage and last is not None:
+        usage = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                 "usage": usage_of(prompt_tokens, last.stats.generated_tokens)}
+        yield f"data: {json.dumps(usage)}\n\n"
+    yield "data: [DONE]\n\n"
