@@ -3,7 +3,8 @@
 
 Target Qwen2.5-Coder-1.5B-Instruct (draft: its 0.5B sibling), greedy, 192 new tokens, five prompts
 of each workload (benchmarks/prompts.py): *edit* (the answer repeats most of the prompt's code) and
-*generation* (new code). For every prompt: plain t/s, then each method's t/s, speedup, acceptance and
+*generation* (new code). Speeds run from the request to the last token, so a draft model's prefill of the
+prompt counts. For every prompt: plain t/s, then each method's t/s, speedup, acceptance and
 mean accepted length. `ceiling` is the speedup that a perfect choice of draft length would reach with
 the edit-aware lookup's own proposals on this machine's measured cost curve (a replay of the plain
 output): what the drafts and the machine allow, before the policy's guesses.
@@ -38,6 +39,12 @@ from edgellm.speculative.policy import Policy
 from edgellm.speculative.setup import Speculator, note_draft_cost
 
 GREEDY = SamplingParams.greedy_params()
+
+
+def request_tps(s: Stats) -> float:
+    """Tokens per second from the request to the last token, less nothing: a draft model's prefill of the
+    prompt counts against it (the target's prefill is the same on both sides)."""
+    return s.generated_tokens / (s.prefill_s + s.decode_s)
 
 
 def ceiling(prompt: list[int], out: list[int], curve: CostCurve, max_draft: int = 32) -> float:
@@ -105,7 +112,7 @@ def main() -> int:
             def plain_run(prompt: list[int] = prompt) -> tuple[float, list[int]]:
                 target.reset()
                 records = list(target.generate(prompt, GREEDY, max_tokens=a.n))
-                return records[-1].stats.decode_tps, [r.token for r in records if r.token is not None]
+                return request_tps(records[-1].stats), [r.token for r in records if r.token is not None]
 
             # plain runs between the methods: each method is compared with the plain runs beside it,
             # so the machine's drift (±10% over minutes here) does not land on one side; with
@@ -121,7 +128,7 @@ def main() -> int:
                     after, _ = plain_run()
                     plains.append(after)
                     s = records[-1].stats
-                    runs[method].append((s.decode_tps / ((before + after) / 2), s.decode_tps, s))
+                    runs[method].append((request_tps(s) / ((before + after) / 2), request_tps(s), s))
                     before = after
             row = ""
             for method in methods:

@@ -3,8 +3,9 @@
 
 A run of benchmarks/speculative.py is noisy here (plain decoding drifts ±10% within minutes on 2
 cores), so small policy changes cannot be judged by it. This replays the real loop
-(`edgellm.speculative.decode.generate`, the real drafters and policy) against a stand-in target
-whose prediction at every position is the token that plain greedy decoding produced there, and
+(`edgellm.decoding.steps.speculative_steps` and the emitter, the real drafters and policy) against a
+stand-in target and sampler whose prediction at every position is the token that plain greedy decoding
+produced there, and
 whose batches cost what the machine's measured cost curve says. Greedy speculation is lossless, so
 the drafts accepted are exactly those a real run accepts; the speedup printed is what the cost
 curve gives for them, with the Python overhead left out.
@@ -22,27 +23,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prompts import EDIT, GENERATION
 from speculative import ceiling
 
 from edgellm import buildflags
+from edgellm.decoding.emitter import Drafting, Emitter
+from edgellm.decoding.steps import speculative_steps
 from edgellm.runtime.sampling import SamplingParams
 from edgellm.speculative.costs import CostCurve
-from edgellm.speculative.decode import generate
 from edgellm.speculative.drafters import EditAwareLookup, PromptLookup
 from edgellm.speculative.policy import Policy
 
 GREEDY = SamplingParams.greedy_params()
-
-
-class FixedCurve(CostCurve):
-    """The measured curve, not refined by the replay's (meaningless) wall-clock timings."""
-
-    def observe(self, n: int, seconds: float, weight: float = 0.1) -> None:
-        pass
 
 
 class ReplayTarget:
@@ -54,6 +47,7 @@ class ReplayTarget:
         self.kv: list[int] = []
         self.rows: list[int] = []  # positions whose logits the last batch produced
         self.cost = 0.0
+        self.ctx = None  # the stand-in sampler reads `predict`, not llama.cpp's logits
 
     def prefill(self, tokens: Sequence[int]) -> int:
         self.kv = list(tokens)
@@ -66,15 +60,16 @@ class ReplayTarget:
         self.rows = list(range(start, len(self.kv))) if all_logits else [len(self.kv) - 1]
         self.cost += self.curve.cost(len(tokens))
 
-    def logits(self, index: int = -1) -> np.ndarray:
+    def decode_one(self, token: int) -> None:
+        self.decode([token])
+
+    def predict(self, index: int = -1) -> int:
         pos = self.rows[index]
         # right only while the context so far is the recorded one, as the loop reads it
         assert self.kv[:pos + 1] == self.truth[:pos + 1], "read past a rejected draft"
-        out = np.zeros(self.n_vocab, dtype=np.float32)
-        out[self.truth[pos + 1] if pos + 1 < len(self.truth) else 0] = 1.0  # past the end: unread
-        return out
+        return self.truth[pos + 1] if pos + 1 < len(self.truth) else 0  # past the end: unread
 
-    def truncate(self, n: int) -> None:
+    def rewind(self, n: int) -> None:
         del self.kv[n:]
 
     def is_eog(self, token: int) -> bool:
@@ -82,6 +77,22 @@ class ReplayTarget:
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
         return b"x"
+
+
+class ReplaySampler:
+    """Greedy on the recorded text: the target's choice at a row is the token plain decoding wrote there."""
+
+    params = GREEDY
+
+    def __init__(self, target: ReplayTarget) -> None:
+        self.target = target
+
+    def sample(self, ctx: object, index: int = -1) -> int:
+        return self.target.predict(index)
+
+    def verify(self, ctx: object, index: int, draft: int) -> tuple[bool, int]:
+        best = self.target.predict(index)
+        return best == draft, best
 
 
 def record(path: Path, target_name: str, n: int, threads: int) -> None:
@@ -107,9 +118,18 @@ def replay(prompt: list[int], out: list[int], n_vocab: int, curve: CostCurve,
            method: str) -> tuple[float, float, float]:
     """(speedup on the curve, acceptance, mean accepted length) of one method on one recorded run."""
     target = ReplayTarget(prompt + out, n_vocab, curve)
+    target.prefill(prompt)
     drafter = PromptLookup() if method == "ngram" else EditAwareLookup()
-    records = list(generate(target, prompt, drafter, Policy(curve), GREEDY, max_tokens=len(out),
-                            ignore_eog=True))
+    emitter = Emitter(target, len(prompt), target.n_ctx, (), len(out), None, ignore_eog=True)
+    emitter.drafting = Drafting()
+    steps = speculative_steps(target, ReplaySampler(target), prompt, drafter, Policy(curve), emitter.drafting,
+                              len(out))
+    records = []
+    for token, from_draft in steps:
+        records.append(emitter.emit(token, from_draft))
+        if records[-1].finish_reason:
+            break
+    steps.close()
     produced = [r.token for r in records if r.token is not None]
     assert produced == out, "the replay must reproduce the recorded text"
     s = records[-1].stats
@@ -128,7 +148,7 @@ def main() -> int:
     if a.record or not a.file.exists():
         record(a.file, a.target, a.n, a.threads)
     data = json.loads(a.file.read_text())
-    curve = FixedCurve({int(k): v for k, v in data["curve"].items()})
+    curve = CostCurve({int(k): v for k, v in data["curve"].items()})  # measured: the replay's timings leave it
     print(f"{data['model']}: batch cost " + ", ".join(f"c({n})={curve.cost(n):.2f}" for n in (2, 4, 8, 16, 32)))
     methods = a.methods.split(",")
     print(f"{'workload':<11}{'prompt':<12}{'ceiling':>8}" + "".join(f"{m + ' x':>9}{'acc':>6}{'len':>6}" for m in methods))

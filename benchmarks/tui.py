@@ -31,7 +31,8 @@ PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
 def settings(model: str, n: int) -> list[str]:
-    return [model, "--temp", "0", "-n", str(n)]
+    """The same flags on both sides, and no others: the model's sampling defaults and --draft auto."""
+    return [model, "-n", str(n)]
 
 
 def run_baseline(model: str, n: int) -> dict:
@@ -72,7 +73,7 @@ def inner(out: Path, model: str, n: int, fps: float) -> None:
     defaults = sampling_defaults(a, info)
     planned = planned_load(a, info)
     app = ChatApp(model=path, options=planned.options, defaults=defaults, history=History(out.with_suffix(".sqlite")),
-                  settings=ChatSettings.from_sampling(defaults.sampling, defaults.system, n, "off"))
+                  settings=ChatSettings.from_sampling(defaults.sampling, defaults.system, n, a.draft))
     if fps:
         app.chat.frame_s = 1 / fps
 

@@ -3,46 +3,78 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
 from edgellm.gguf_info import ModelInfo
 from edgellm.memory.plan import Plan, PlanRequest
 from edgellm.model_defaults import Defaults, resolve_defaults
-from edgellm.runtime.engine import KV_TYPES, Engine, LoadOptions
+from edgellm.runtime.engine import KV_TYPES, Engine, LoadOptions, default_threads
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The defaults of the model and sampling flags of `edgellm run` and `edgellm chat`, in one typed place:
+    the parser takes them from here, and a UI plans a load as the CLI would without building a parser."""
+
+    model: str | None = None
+    ctx: int | None = None
+    threads: int | None = None
+    gpu_layers: int | None = None
+    batch: int = 512
+    kv_type: str | None = None
+    mmap: bool = False
+    # None: not given; the model's defaults apply (model_defaults.py)
+    temp: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    draft: str = "auto"
+
+    def namespace(self, **changes) -> argparse.Namespace:
+        """These flags, with `changes`, as the parser would give them (the model path as a string)."""
+        values = asdict(replace(self, **changes))
+        values["stop"] = list(values["stop"])  # as action="append" leaves it
+        return argparse.Namespace(**values)
+
+
+FLAGS = Flags()
 
 
 def add_model_arguments(p: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
-        p.add_argument("model", nargs="?", default=None,
+        p.add_argument("model", nargs="?", default=FLAGS.model,
                        help="GGUF path, alias (default: smollm2-135m) or Hugging Face repo id")
     else:
-        p.add_argument("-m", "--model", default=None,
+        p.add_argument("-m", "--model", default=FLAGS.model,
                        help="GGUF path, alias (default: smollm2-135m) or Hugging Face repo id")
-    p.add_argument("-c", "--ctx", type=int, default=None, help="context length in tokens")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("-ngl", "--gpu-layers", type=int, default=None,
+    p.add_argument("-c", "--ctx", type=int, default=FLAGS.ctx, help="context length in tokens")
+    p.add_argument("-t", "--threads", type=int, default=FLAGS.threads, help="CPU threads (default: physical cores)")
+    p.add_argument("-ngl", "--gpu-layers", type=int, default=FLAGS.gpu_layers,
                    help="layers to offload to the GPU (default: as many as fit)")
-    p.add_argument("--batch", type=int, default=512, help="prompt batch size")
-    p.add_argument("--kv-type", choices=KV_TYPES, default=None,
+    p.add_argument("--batch", type=int, default=FLAGS.batch, help="prompt batch size")
+    p.add_argument("--kv-type", choices=KV_TYPES, default=FLAGS.kv_type,
                    help="KV cache type, K and V (default: f16, quantized when f16 does not fit)")
-    p.add_argument("--mmap", action="store_true",
+    p.add_argument("--mmap", action="store_true", default=FLAGS.mmap,
                    help="memory-map the weights (default: read them; mmap keeps the file's pages beside the "
                         "repacked copy)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    # None: not given; the model's defaults apply (model_defaults.py)
-    p.add_argument("--temp", type=float, default=None, help="temperature; 0 is greedy (default: the model's)")
-    p.add_argument("--top-k", type=int, default=None, help="0 turns it off (default: the model's)")
-    p.add_argument("--top-p", type=float, default=None, help="(default: the model's)")
-    p.add_argument("--min-p", type=float, default=None, help="(default: the model's)")
-    p.add_argument("--repeat-penalty", type=float, default=None, help="1.0 is off (default: the model's)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("-n", "--max-tokens", type=int, default=512, help="most tokens to generate")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--draft", default="auto", metavar="MODEL|auto|edit|tree|ngram|off",
+    p.add_argument("--temp", type=float, default=FLAGS.temp, help="temperature; 0 is greedy (default: the model's)")
+    p.add_argument("--top-k", type=int, default=FLAGS.top_k, help="0 turns it off (default: the model's)")
+    p.add_argument("--top-p", type=float, default=FLAGS.top_p, help="(default: the model's)")
+    p.add_argument("--min-p", type=float, default=FLAGS.min_p, help="(default: the model's)")
+    p.add_argument("--repeat-penalty", type=float, default=FLAGS.repeat_penalty, help="1.0 is off (default: the model's)")
+    p.add_argument("--seed", type=int, default=FLAGS.seed, help="sampling seed (default: random)")
+    p.add_argument("-n", "--max-tokens", type=int, default=FLAGS.max_tokens, help="most tokens to generate")
+    p.add_argument("--stop", action="append", default=list(FLAGS.stop), help="stop string (repeatable)")
+    p.add_argument("--draft", default=FLAGS.draft, metavar="MODEL|auto|edit|tree|ngram|off",
                    help="speculative decoding: auto (default: edit-aware lookup, which costs nothing and turns "
                         "itself off when it does not pay, plus a local model with the target's vocabulary and "
                         "half its size or less when memory allows), a draft model, edit (lookup only), tree "
@@ -62,18 +94,51 @@ def load_options(a: argparse.Namespace) -> LoadOptions:
 LOOKUP_DRAFTS = ("off", "ngram", "edit", "lookup", "tree")  # --draft values that load no draft model
 
 
-def draft_model_path(target: ModelInfo, spec: str, n_ctx: int | None = None) -> str | None:
-    """The draft model a --draft choice loads: none for lookup drafts, a local model of the target's
-    vocabulary, trained for the context in use, for auto."""
+@dataclass(frozen=True)
+class DraftChoice:
+    """The draft model a --draft choice loads (None: none), and why, in words for `plan` and `run --json`."""
+
+    path: str | None
+    reason: str
+
+
+def choose_draft(target: ModelInfo, spec: str, n_ctx: int | None = None, n_threads: int | None = None,
+                 n_gpu_layers: int | None = None) -> DraftChoice:
+    """None for lookup drafts. For auto: a local model of the target's vocabulary, trained for the context in
+    use, and only when this machine's cost curve says it can pay (a draft that never pays only costs memory)."""
     from edgellm.memory.plan import DEFAULT_CTX
     from edgellm.models import find_draft, resolve
 
     if spec in LOOKUP_DRAFTS:
-        return None
-    if spec == "auto":
-        found = find_draft(target, n_ctx or min(target.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX))
-        return str(found.path) if found else None
-    return str(resolve(spec))
+        return DraftChoice(None, f"--draft {spec}: no draft model")
+    if spec != "auto":
+        return DraftChoice(str(resolve(spec)), f"draft model {spec} asked for")
+    found = find_draft(target, n_ctx or min(target.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX))
+    if found is None:
+        return DraftChoice(None, f"no draft model: no local model has {target.name}'s vocabulary at half its size "
+                                 "or less; lookup drafts (free) only")
+    pays, why = draft_pays(target, found.info, n_threads or default_threads(), n_gpu_layers or 0)
+    if not pays:
+        return DraftChoice(None, f"draft {found.info.name} not loaded: {why}; lookup drafts (free) only")
+    return DraftChoice(str(found.path), f"draft {found.info.name} loaded: {why}")
+
+
+def draft_pays(target: ModelInfo, draft: ModelInfo, n_threads: int, n_gpu_layers: int) -> tuple[bool, str]:
+    """Whether a draft model could beat plain decoding on this machine, even drafting 95% right (policy.could_pay),
+    from both models' cost curves (measured or refined here; else their priors, which are pessimistic)."""
+    from edgellm.speculative.costs import curve_for
+    from edgellm.speculative.policy import Policy
+
+    curve = curve_for(target, n_threads, n_gpu_layers)
+    relative = curve_for(draft, n_threads, n_gpu_layers).t1 / curve.t1
+    policy = Policy(curve)
+    policy.observe_draft_cost("draft:new", relative * curve.t1)
+    source = "prior" if curve.prior else "measured"
+    words = (f"it costs {relative:.2f}x the target per token and verifying 2 tokens costs {curve.cost(2):.2f}x one "
+             f"({source} cost curve)")
+    if policy.could_pay("draft:new"):
+        return True, f"{words}: it can pay"
+    return False, f"{words}: it cannot pay on this machine"
 
 
 @dataclass(frozen=True)
@@ -104,11 +169,9 @@ class Planned:
 
 def planned_chat(path: Path, draft: str = "auto") -> Planned:
     """The plan `edgellm chat PATH --draft DRAFT` makes, with the chat's defaults for every other flag."""
-    from edgellm.cli import command_parser
     from edgellm.gguf_info import read_info
 
-    parser, _ = command_parser("chat")
-    return planned_load(parser.parse_args([str(path), "--draft", draft]), read_info(path))
+    return planned_load(FLAGS.namespace(model=str(path), draft=draft), read_info(path))
 
 
 def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> Planned:
@@ -121,10 +184,12 @@ def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> P
 
     check_size(info.path)  # a recorded model that changed size is refused before llama.cpp reads it
     spec = getattr(a, "draft", "off")
-    request = PlanRequest(n_ctx=a.ctx, parallel=parallel, kv_type=a.kv_type, draft=draft_model_path(info, spec, a.ctx),
+    choice = choose_draft(info, spec, a.ctx, a.threads, a.gpu_layers)
+    request = PlanRequest(n_ctx=a.ctx, parallel=parallel, kv_type=a.kv_type, draft=choice.path,
                           speculative=spec != "off", tree=spec == "tree", n_gpu_layers=a.gpu_layers,
                           n_batch=a.batch)
     plan = make_plan(info, request)
+    plan.draft_reason = choice.reason
     extra = {"n_batch": a.batch, "n_threads": a.threads, "use_mmap": a.mmap}
     options = plan.load_options(**extra)
     if plan.draft is not None:

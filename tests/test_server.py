@@ -243,3 +243,61 @@ def test_sigterm_mid_stream_ends_the_stream_cleanly_and_leaves_no_swap_file(tmp_
         s.stop()
     assert code == 0, "".join(s.output)
     assert swap_leftovers(tmp_path) == []
+
+
+# -- soak -----------------------------------------------------------------------------------------------------
+
+def process_figures(pid: int) -> tuple[int, int, int]:
+    """(RSS in KiB, open file descriptors, threads) of a process, from /proc."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(status["VmRSS"].split()[0]), len(list(Path(f"/proc/{pid}/fd").iterdir())), int(status["Threads"])
+
+
+def mixed_requests(server: ServerProcess, count: int, workers: int = 4) -> list[str]:
+    """`count` requests of every kind from `workers` clients at once; every fifth stream is dropped early."""
+    failures: list[str] = []
+
+    def work(w: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as http, ollama.Client(host=server.url) as ol:
+            oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, http_client=http)
+            for i in range(w, count, workers):
+                try:
+                    kind = i % 5
+                    if kind == 0:
+                        ask(oa, f"Say a number near {i}.", max_tokens=12)
+                    elif kind == 1:
+                        streamed(oa, f"Name an animal, number {i}.", max_tokens=12)
+                    elif kind == 2:
+                        oa.completions.create(model=MODEL, prompt=f"{i} plus one is", max_tokens=8, temperature=0)
+                    elif kind == 3:
+                        list(ol.chat(model=MODEL, messages=[{"role": "user", "content": f"Hi {i}"}], stream=True,
+                                     options={"num_predict": 12}))
+                    else:  # a client that goes away mid-stream
+                        with http.stream("POST", "/v1/chat/completions", json={
+                                "model": MODEL, "stream": True, "max_tokens": 200,
+                                "messages": [{"role": "user", "content": f"Tell a long tale {i}."}]}) as r:
+                            lines = r.iter_lines()
+                            next(lines)
+                            next(lines)
+                except Exception as e:  # collected: every request must succeed
+                    failures.append(f"{i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return failures
+
+
+def test_soak_200_mixed_requests_keep_rss_fds_and_threads_flat(server: ServerProcess):
+    pid = server.proc.pid
+    assert mixed_requests(server, 40) == []  # warm-up: allocators, thread pools, the cost curve
+    wait_until_idle(server)
+    rss0, fds0, threads0 = process_figures(pid)
+    assert mixed_requests(server, 200) == []
+    wait_until_idle(server)
+    rss1, fds1, threads1 = process_figures(pid)
+    assert rss1 <= rss0 * 1.05, (rss0, rss1)
+    assert fds1 <= fds0 and threads1 <= threads0, ((fds0, threads0), (fds1, threads1))
+    assert ask(openai.OpenAI(base_url=f"{server.url}/v1", api_key="x"), "Say yes.", max_tokens=4).choices

@@ -7,7 +7,7 @@ import json
 
 from edgellm.memory.plan import PlanRequest, make_plan, parse_size
 from edgellm.models import default_model, resolve
-from edgellm.options import draft_model_path
+from edgellm.options import choose_draft
 from edgellm.runtime.probe import KV_TYPES
 
 
@@ -32,10 +32,12 @@ def main(a: argparse.Namespace) -> int:
     from edgellm.gguf_info import read_info
 
     info = read_info(resolve(a.model) if a.model else default_model().path)
-    req = PlanRequest(n_ctx=a.ctx, parallel=a.parallel, kv_type=a.kv_type, draft=draft_model_path(info, a.draft, a.ctx),
+    choice = choose_draft(info, a.draft, a.ctx, None, a.gpu_layers)
+    req = PlanRequest(n_ctx=a.ctx, parallel=a.parallel, kv_type=a.kv_type, draft=choice.path,
                       speculative=a.draft != "off", n_gpu_layers=a.gpu_layers,
                       ram=parse_size(a.ram) if a.ram else None, vram=parse_size(a.vram) if a.vram else None,
                       dry_run=not a.estimate)
     plan = make_plan(info, req)
+    plan.draft_reason = choice.reason
     print(json.dumps(plan.as_dict()) if a.json else plan.describe())
     return 0

@@ -49,17 +49,17 @@ class Emitter:
         return self.cancel is not None and self.cancel.is_set()
 
     def prefilled(self, n: int) -> None:
-        """The prompt is in the KV cache; `n` of its tokens were decoded for it."""
+        """`n` of the prompt's tokens are decoded for it (the rest were in the KV cache already).
+
+        prefill_s runs to the first token: a draft model's own prefill and the first pick count there."""
         self.stats.prefilled_tokens = n
-        self.stats.prefill_s = time.perf_counter() - self._t0
 
     def emit(self, token: int, from_draft: bool = False) -> Record:
         """The record for the next token of the reply; its finish_reason is set when the reply ends here."""
         now = time.perf_counter()
         if self._t_first is None:
             self._t_first = now
-            if not self.stats.prefill_s:  # batched: the prefill ran inside the scheduler's steps
-                self.stats.prefill_s = now - self._t0
+            self.stats.prefill_s = now - self._t0
         s = self.stats
         s.decode_s = now - self._t_first
         if not self.ignore_eog and self.vocab.is_eog(token):

@@ -169,6 +169,7 @@ class Plan:
     vram_budget: int
     source: str  # "dry run" or "estimate"
     notes: list[str] = field(default_factory=list)
+    draft_reason: str = ""  # why a draft model is or is not in the plan (options.choose_draft)
 
     @property
     def peak_bytes(self) -> int:
@@ -212,7 +213,7 @@ class Plan:
             "ram_budget": self.ram_budget, "vram_budget": self.vram_budget,
             "kv_caches": [{"cells": c.cells, "layers": c.layers, "bytes": c.nbytes, "windowed": c.windowed}
                           for c in t.probe.kv],
-            "notes": self.notes,
+            "draft_reason": self.draft_reason, "notes": self.notes,
         }
 
     def describe(self) -> str:
@@ -240,7 +241,7 @@ class Plan:
         if self.vram_budget:
             lines.append(f"  {'GPU memory':<38} {fmt(self.vram_bytes):>10}  of {fmt(self.vram_budget)} budget; "
                          f"{t.n_gpu_layers} of {t.info.n_layer + 1} layers on the GPU")
-        lines += [f"  - {n}" for n in self.notes]
+        lines += [f"  - {n}" for n in ([self.draft_reason] if self.draft_reason else []) + self.notes]
         return "\n".join(lines)
 
 

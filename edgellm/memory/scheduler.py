@@ -93,8 +93,9 @@ class Scheduler:
         size) when the context has logits rows for drafts (the plan's, LoadOptions.n_outputs); None: off."""
         if engine.n_outputs < engine.options.n_seq_max:
             raise EdgeLLMError("the scheduler needs a context made for one logits row per slot")
-        if policy == "auto":
-            policy = Policy(load_or_prior(engine)) if engine.n_outputs > engine.options.n_seq_max else None
+        if policy == "auto":  # draft rows planned, and a cache that can drop rejected drafts
+            wide = engine.n_outputs > engine.options.n_seq_max
+            policy = Policy(load_or_prior(engine)) if wide and engine.weights.can_drop_tail else None
         self.policy = policy
         self.engine = engine
         self.slots = [Slot(engine.sequence(i)) for i in range(engine.options.n_seq_max)]
@@ -341,6 +342,7 @@ class Scheduler:
                 return
         r._spec.settle(r.slot.tokens, len(draft), len(path))
         if not r._spec.pays:  # lookups cost this sequence more than they return: decode plainly
+            r._spec.close()
             r._spec = None
         self._take(r, token)
 
@@ -369,6 +371,8 @@ class Scheduler:
     def _finish(self, r: Request) -> None:
         r.done = True
         r._next = None
+        if r._spec is not None:
+            r._spec.close()
         if r._sampler is not None:
             r._sampler.close()
         slot = r.slot

@@ -72,6 +72,12 @@ class Model:
         return bool(C.llama_vocab_get_add_bos(self.vocab))
 
     @property
+    def can_drop_tail(self) -> bool:
+        """Whether the KV cache can drop its last positions (what rejecting drafted tokens needs): not for a
+        recurrent state (Mamba, RWKV) or a hybrid of one."""
+        return not (C.llama_model_is_recurrent(self.ptr) or C.llama_model_is_hybrid(self.ptr))
+
+    @property
     def is_chat_model(self) -> bool:
         """A GGUF without a chat template is a base (completion) model."""
         return bool(self.info.chat_template)

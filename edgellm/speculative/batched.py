@@ -47,6 +47,10 @@ class Lookahead:
         Lookahead.count += 1
         self.source = f"{SOURCE}:{Lookahead.count}"  # each sequence learns its own text's acceptance
 
+    def close(self) -> None:
+        """The sequence is done: its acceptance statistics go (a server's policy outlives many requests)."""
+        self.policy.sources.pop(self.source, None)
+
     def draft(self, tokens: Sequence[int], room: int, rows: int, decoding: int) -> list[int]:
         """Drafted tokens to verify after the last of `tokens` (the pending one), given `rows` already in the
         step and `decoding` sequences in it; [] to decode plainly."""

@@ -57,7 +57,11 @@ class CostCurve:
         return ((1 - f) * self.seconds[lo] + f * self.seconds[hi]) / self.t1
 
     def observe(self, n: int, seconds: float, weight: float = 0.1) -> None:
-        """Fold in the time of a real batch (moving average), so the curve follows the machine."""
+        """Fold in the time of a real batch (moving average) while the curve is a prior. A measured (or
+        refined and stored) curve stays as it is: decisions that followed a few noisy timings swung whole
+        replies (the same prompt sped up 1.07x, then 2.9x), so the choice is the text's, not the clock's."""
+        if not self.prior:
+            return
         if n in self.seconds:
             # a prior knows nothing: the first real timings replace it faster
             w = max(weight, 0.5) if self.prior and self.observed < KEEP_AFTER else weight
@@ -66,16 +70,34 @@ class CostCurve:
 
 
 def prior(engine) -> CostCurve:
-    t1 = PRIOR_FIXED_S + engine.info.size_bytes / PRIOR_BYTES_PER_S
+    return prior_for(engine.info)
+
+
+def prior_for(info) -> CostCurve:
+    t1 = PRIOR_FIXED_S + info.size_bytes / PRIOR_BYTES_PER_S
     return CostCurve({n: t1 * (n if n <= 4 else 4 + 0.5 * (n - 4)) for n in SIZES}, prior=True)
 
 
 def _cache_path(engine) -> Path:
-    st = engine.path.stat()
-    key = "|".join([str(engine.path.resolve()), str(st.st_size), str(int(st.st_mtime)), str(SIZES),
-                    str(engine.n_threads), str(engine.options.n_gpu_layers),
+    return _cache_path_for(engine.path, engine.n_threads, engine.options.n_gpu_layers)
+
+
+def _cache_path_for(path: Path, n_threads: int, n_gpu_layers: int) -> Path:
+    st = path.stat()
+    key = "|".join([str(path.resolve()), str(st.st_size), str(int(st.st_mtime)), str(SIZES),
+                    str(n_threads), str(n_gpu_layers),
                     buildflags.cache_key(buildflags.cmake_args(buildflags.cpu_flags(), False))])
     return buildflags.cache_dir() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def curve_for(info, n_threads: int, n_gpu_layers: int = 0) -> CostCurve:
+    """The model's cached curve for these settings (measured, or a prior refined by real batches), else
+    its prior: for deciding before anything is loaded."""
+    try:
+        data = json.loads(_cache_path_for(info.path, n_threads, n_gpu_layers).read_text())
+        return CostCurve({int(k): float(v) for k, v in data["seconds"].items()}, prior=bool(data.get("refined_prior")))
+    except (OSError, ValueError, KeyError):
+        return prior_for(info)
 
 
 def measure(engine, sizes: tuple[int, ...] = SIZES, repetitions: int = 2) -> CostCurve:

@@ -9,7 +9,8 @@ from edgellm.decoding.emitter import Drafting
 from edgellm.decoding.steps import Step, speculative_steps
 from edgellm.errors import EdgeLLMError
 from edgellm.memory.pressure import MemoryWatch
-from edgellm.models import find_draft, resolve
+from edgellm.models import resolve
+from edgellm.options import choose_draft
 from edgellm.runtime.engine import Engine, LoadOptions
 from edgellm.runtime.sampling import Sampler
 from edgellm.speculative.costs import keep_refined, load_or_prior
@@ -80,7 +81,7 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32,
                     draft_gpu_layers: int | None = None, watch: MemoryWatch | None = None) -> Speculator | None:
     """`spec` as options.planned_load leaves it: a draft model the memory plan has room for, or lookup."""
     spec = (spec or "off").strip()
-    if spec == "off":
+    if spec == "off" or not target.weights.can_drop_tail:  # rejected drafts could not leave its cache
         return None
     draft_engine = None
     if spec == "ngram":
@@ -93,11 +94,11 @@ def make_speculator(target: Engine, spec: str | None, max_draft: int = 32,
                                f"{TREE_WIDTH + 1} and a unified KV cache")
         policy = Policy(load_or_prior(target), max_draft=max_draft)
         return Speculator(EditAwareLookup(), policy, tree_width=TREE_WIDTH, target=target, watch=watch)
-    elif spec == "auto":
+    elif spec == "auto":  # a draft model only where this machine's cost curve says it can pay
         drafter = EditAwareLookup()
-        found = find_draft(target.info, target.n_ctx)  # the target's vocabulary, half its size or less
-        if found is not None:
-            draft_engine = _draft_engine(target, str(found.path), draft_gpu_layers)
+        choice = choose_draft(target.info, "auto", target.n_ctx, target.n_threads, target.options.n_gpu_layers)
+        if choice.path is not None:
+            draft_engine = _draft_engine(target, choice.path, draft_gpu_layers)
             drafter = Combined(drafter, DraftModel(draft_engine))
     else:
         draft_engine = _draft_engine(target, spec, draft_gpu_layers)
