@@ -21,6 +21,7 @@ CLEARED = ("HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE", "DISABLE_TELEMETRY"
            "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",  # hub_reachable
            "NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES", "TTY_COMPATIBLE", "TTY_INTERACTIVE",  # rich's output
            "EDGELLM_VERBOSE", "EDGELLM_SMOKE_SIGNAL")  # llama.cpp's log on stderr; a fault injected on purpose
+KEPT = ("TEXTUAL_SNAPSHOT_TEMPDIR",)  # pytest-textual-snapshot's own, set at the session's start for its report
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,7 +31,7 @@ def hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     EDGELLM_CACHE (the build cache) are kept."""
     with pytest.MonkeyPatch.context() as mp:
         for name in list(os.environ):
-            if name.startswith(CLEARED_PREFIXES) or name in CLEARED:
+            if (name.startswith(CLEARED_PREFIXES) or name in CLEARED) and name not in KEPT:
                 mp.delenv(name)
         mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf-home")))  # an empty hub cache: no model the user pulled
         mp.setenv("HF_HUB_OFFLINE", "0")

@@ -1,18 +1,22 @@
 """The Textual chat driven with Pilot, over the real engine."""
 
+import asyncio
 import re
+from contextlib import aclosing
 from pathlib import Path
 
 import pytest
 
 from edgellm.decoding.records import Record, Stats
 from edgellm.model_defaults import resolve_defaults
+from edgellm.runtime.backend import llama_thread
 from edgellm.runtime.engine import Engine
 from edgellm.runtime.sampling import SamplingParams
 from edgellm.session import ChatSession
 from edgellm.tui.app import ChatApp
 from edgellm.tui.history import History
 from edgellm.tui.widgets import Bubble, Notice, PromptArea, StatusBar
+from tests.support.threads import DecodeAhead
 
 
 @pytest.fixture
@@ -25,11 +29,9 @@ def make_app(session: ChatSession, history: History, **kwargs) -> ChatApp:
 
 
 async def wait_for_reply(app: ChatApp, pilot) -> None:
-    for _ in range(600):
-        await pilot.pause(0.05)
-        if not app.chat.streaming:
-            return
-    raise AssertionError("the reply did not finish")
+    await app.chat.reply_done(timeout=120)
+    assert not app.chat.streaming, "the reply did not finish"
+    await pilot.pause()
 
 
 def status_text(app: ChatApp) -> str:
@@ -160,3 +162,50 @@ async def test_a_finished_reply_is_markdown_with_its_code_highlighted(fresh_engi
         await pilot.press("f5")  # drafted tokens shown: plain text, markers and all
         await pilot.pause()
         assert "```" in app.export_screenshot().replace("&#160;", " ")
+
+
+class StopsLate(ChatSession):
+    """The UI's frames pass through here. It says when the first one is on screen, and once the UI stops
+    taking frames it lets the decode run ahead before the cancel lands: records made, never shown."""
+
+    def __init__(self, *args, decode: DecodeAhead, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.decode = decode
+        self.first_frame_shown = asyncio.Event()
+
+    async def asend_frames(self, text: str, frame_s: float = 0.1):
+        taken = 0
+        async with aclosing(super().asend_frames(text, frame_s)) as frames:
+            try:
+                async for frame in frames:
+                    taken += len(frame)
+                    yield frame
+                    self.first_frame_shown.set()  # the UI asks for the next frame once this one is shown
+            except GeneratorExit:  # the UI stopped taking frames
+                await self.decode.run_ahead(taken)
+                raise
+
+
+async def test_a_stopped_reply_is_the_same_text_on_screen_in_the_history_and_in_the_next_prompt(
+        fresh_engine: Engine, history: History, monkeypatch):
+    decode = DecodeAhead(fresh_engine, monkeypatch)
+    session = StopsLate(fresh_engine, SamplingParams.greedy_params(), max_tokens=2000, decode=decode)
+    app = make_app(session, history)
+    async with app.run_test(size=(100, 40)) as pilot:
+        app.query_one(PromptArea).text = "Write a very long story about a lighthouse by the sea."
+        app.query_one(PromptArea).focus()
+        await pilot.press("enter")
+        await session.first_frame_shown.wait()
+        await pilot.press("escape")
+        await wait_for_reply(app, pilot)
+        reply = list(app.query(Bubble))[-1]
+        stored = history.load(app.conversation.id).messages[-1]
+        assert (stored.role, stored.status) == ("assistant", "stopped") and stored.content
+        assert stored.content == reply.plain == session.messages[-1]["content"]
+        session.max_tokens = 4
+        await type_and_send(app, pilot, "Go on.")
+    # the next turn's prompt, as the KV cache holds it, carries the reply as it was shown
+    shown = [{"role": "user", "content": "Write a very long story about a lighthouse by the sea."},
+             {"role": "assistant", "content": stored.content}, {"role": "user", "content": "Go on."}]
+    prompt = llama_thread().submit(fresh_engine.chat_tokens, shown).result(60)
+    assert fresh_engine.kv_tokens[:len(prompt)] == prompt

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
 import sqlite3
 import threading
@@ -10,14 +12,20 @@ from pathlib import Path
 import pytest
 from textual.widgets import Button, DataTable, Input, Label, ListView, Tab, Tabs
 
+from edgellm.memory.manager import ModelManager
+from edgellm.options import FLAGS, planned_chat
 from edgellm.quantize.pipeline import STAGES, Cancelled, QuantizeJob, run
+from edgellm.runtime.backend import llama_thread
 from edgellm.runtime.engine import Engine
 from edgellm.runtime.sampling import SamplingParams
 from edgellm.session import ChatSession
 from edgellm.tui.app import ChatApp
 from edgellm.tui.history import History, Message
 from edgellm.tui.screens.help import HelpScreen
+from edgellm.tui.settings import ChatSettings
 from edgellm.tui.widgets import Bubble, PromptArea
+from tests.dev_models import dev_model
+from tests.support.threads import WatchedEngines, watched_speculator
 from tests.test_quantize import tiny_checkpoint
 from tests.test_tui import start_long_reply, status_text, type_and_send, wait_for_reply
 
@@ -291,9 +299,25 @@ async def test_a_model_that_does_not_load_leaves_the_app_open_with_the_next_step
         assert app.screen.query_one("#models", DataTable).row_count >= 1
 
 
-async def test_switch_to_another_model_from_the_models_screen(fresh_engine: Engine, tmp_path: Path):
-    from tests.dev_models import dev_model
+@pytest.fixture
+def no_cli_parser(monkeypatch) -> None:
+    """The UI plans as `edgellm chat` would from the flags' typed defaults, never from the CLI's parser."""
+    def refuse(name: str):
+        raise AssertionError(f"the UI built the {name!r} command's argparse parser")
 
+    monkeypatch.setattr("edgellm.cli.command_parser", refuse)
+
+
+def test_the_flag_defaults_the_ui_plans_with_are_the_cli_s():
+    from edgellm.cli import command_parser
+
+    parser, _ = command_parser("chat")
+    parsed = vars(parser.parse_args(["model.gguf"]))
+    flags = vars(FLAGS.namespace(model="model.gguf"))
+    assert flags == {name: parsed[name] for name in flags}
+
+
+async def test_switch_to_another_model_from_the_models_screen(fresh_engine: Engine, tmp_path: Path, no_cli_parser):
     gemma = dev_model("gemma3-270m")
     app, _ = new_app(fresh_engine, tmp_path / "h.sqlite")
     async with app.run_test(size=(120, 30)) as pilot:
@@ -303,11 +327,9 @@ async def test_switch_to_another_model_from_the_models_screen(fresh_engine: Engi
         row = next(i for i in range(table.row_count) if table.get_row_at(i)[0] == "gemma3-270m")
         table.move_cursor(row=row)
         await pilot.press("enter")
-        for _ in range(200):
-            await pilot.pause(0.1)
-            if app.session.engine.path == gemma and not app.query_one(PromptArea).disabled:
-                break
-        assert app.session.engine.path == gemma and app.screen is app.chat
+        await app.loading.wait()
+        assert app.session.engine.path == gemma and app.screen is app.chat, status_text(app)
+        assert not app.query_one(PromptArea).disabled
         await type_and_send(app, pilot, "The capital of France is")
         # a base model: its reply may end at a ChatML marker it writes as text, but it was Gemma's
         assert app.history.load(app.conversation.id).messages[-1].stats["generated_tokens"] > 0
@@ -396,3 +418,130 @@ async def test_a_pull_can_be_cancelled_from_the_models_screen(fresh_engine: Engi
             assert status.startswith("pull cancelled"), status
     snapshots = tmp_path / "hf" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots"
     assert not list(snapshots.rglob(name))  # nothing that looks downloaded
+
+
+# -- threads: the model manager, the llama thread and the UI ---------------------------------------------
+
+def on_llama(fn, *args, **kwargs):
+    return llama_thread().submit(functools.partial(fn, *args, **kwargs)).result(120)
+
+
+def chat_plan(path: Path):
+    return on_llama(planned_chat, path, "edit")  # the plan's dry run is a llama.cpp call
+
+
+def chat_charge(path: Path) -> int:
+    plan = chat_plan(path).plan
+    return plan.peak_bytes - plan.base_bytes
+
+
+def chat_prepare(path: Path):
+    """What `edgellm chat PATH --draft edit` does before loading."""
+    from edgellm.commands.chat import prepare
+
+    return functools.partial(prepare, FLAGS.namespace(model=str(path), draft="edit"), path)
+
+
+def managed_app(path: Path, tmp_path: Path, manager: ModelManager) -> ChatApp:
+    return ChatApp(prepare=chat_prepare(path), history=History(tmp_path / "h.sqlite"), manager=manager,
+                   settings=ChatSettings(max_tokens=8))
+
+
+async def test_switching_models_gives_the_old_one_back_first_when_both_do_not_fit(smollm2: Path, tmp_path: Path,
+                                                                                 no_cli_parser):
+    gemma = dev_model("gemma3-270m")
+    # room for either model, not both; a wait for memory ends in 5 s (it used to wait for ever)
+    manager = ModelManager(budget=max(chat_charge(smollm2), chat_charge(gemma)) + (16 << 20), wait_s=5.0)
+    app = managed_app(smollm2, tmp_path, manager)
+    try:
+        async with app.run_test(size=(120, 30)) as pilot:
+            await app.loading.wait()
+            assert app.session.engine.path.name == smollm2.name, status_text(app)
+            await type_and_send(app, pilot, "Hi")
+            await app.switch_model(gemma).wait()
+            assert app.session is not None and app.session.engine.info.arch == "gemma3", status_text(app)
+            assert [p.name for p in manager.loaded()] == [gemma.name]
+            assert any(ev.startswith("evicted " + smollm2.name) for ev in manager.events)
+            assert not app.query_one(PromptArea).disabled
+            await type_and_send(app, pilot, "The capital of France is")
+            assert app.history.load(app.conversation.id).messages[-1].stats["generated_tokens"] > 0
+    finally:
+        on_llama(manager.close)
+
+
+async def test_the_model_switched_from_leaves_on_the_llama_thread_when_its_keep_alive_runs_out(smollm2: Path,
+                                                                                             tmp_path: Path):
+    gemma = dev_model("gemma3-270m")
+    loads = WatchedEngines()
+    manager = ModelManager(budget=4 * (chat_charge(smollm2) + chat_charge(gemma)), keep_alive_s=0.0, load=loads)
+    app = managed_app(smollm2, tmp_path, manager)
+    try:
+        async with app.run_test(size=(120, 30)):
+            await app.loading.wait()
+            await app.switch_model(gemma).wait()
+            assert app.session.engine.info.arch == "gemma3", status_text(app)
+            # both fit: nothing evicts the old one, its keep-alive (0 s here) ends it
+            gone = await asyncio.get_running_loop().run_in_executor(
+                None, manager.wait_for, lambda: [p.name for p in manager.loaded()] == [gemma.name], 60)
+            assert gone and loads.closed_on == ["llama_0"]
+            assert any(ev.startswith("unloaded after keep-alive " + smollm2.name) for ev in manager.events)
+    finally:
+        on_llama(manager.close)
+
+
+async def test_a_load_that_waits_too_long_for_memory_says_so_and_the_app_stays(smollm2: Path, tmp_path: Path):
+    gemma = dev_model("gemma3-270m")
+    manager = ModelManager(budget=max(chat_charge(smollm2), chat_charge(gemma)) + (16 << 20), wait_s=0.5)
+    planned = chat_plan(smollm2)
+    held = on_llama(manager.acquire, planned.path, planned.request, plan=planned.plan, **planned.extra)  # another user
+    app = managed_app(gemma, tmp_path, manager)
+    try:
+        async with app.run_test(size=(120, 30)) as pilot:
+            await app.loading.wait()
+            await pilot.pause()
+            line = status_text(app)
+            assert line.startswith(f"could not load the model: {gemma.name} needs") and "(0.5 s)" in line, line
+            assert app.is_running and app.session is None and app.query_one(PromptArea).disabled
+            assert any("F2 lists the models" in str(n.message) for n in app._notifications)
+    finally:
+        on_llama(manager.release, held)
+        on_llama(manager.close)
+
+
+async def start_reply_with(app: ChatApp, pilot, speculator) -> None:
+    """A long reply, decoding with `speculator` on the llama thread when this returns."""
+    app.query_one(PromptArea).text = "Write a very long story about a lighthouse by the sea."
+    app.query_one(PromptArea).focus()
+    await pilot.press("enter")
+    assert await asyncio.get_running_loop().run_in_executor(None, speculator.started.wait, 60)
+
+
+async def test_a_new_draft_closes_the_old_speculator_on_the_llama_thread_after_the_reply_using_it(
+        fresh_engine: Engine, tmp_path: Path, no_cli_parser):
+    watched = watched_speculator(fresh_engine)
+    session = ChatSession(fresh_engine, SamplingParams.greedy_params(), max_tokens=2000, speculator=watched)
+    app = ChatApp(session, history=History(tmp_path / "h.sqlite"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await start_reply_with(app, pilot, watched)
+        change = app.change_draft("off")  # its plan and speculator wait for the llama thread: the reply has it
+        await pilot.press("escape")
+        await wait_for_reply(app, pilot)
+        await change.wait()
+        assert watched.closes == [("llama_0", 0)]  # on the llama thread, with no reply decoding with it
+        assert session.speculator is None  # "off": no speculator from now on
+        assert app.history.load(app.conversation.id).messages[-1].status == "stopped"
+
+
+async def test_closing_the_app_mid_reply_closes_the_speculator_on_the_llama_thread_after_the_reply(
+        fresh_engine: Engine, tmp_path: Path):
+    watched = watched_speculator(fresh_engine)
+    session = ChatSession(fresh_engine, SamplingParams.greedy_params(), max_tokens=2000, speculator=watched)
+    app = ChatApp(session, history=History(tmp_path / "h.sqlite"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await start_reply_with(app, pilot, watched)
+    # the app closed with the reply decoding: the reply stopped and was saved, then the speculator closed
+    assert watched.closes == [("llama_0", 0)]
+    history = History(tmp_path / "h.sqlite")
+    (conversation,) = history.conversations()
+    last = history.load(conversation.id).messages[-1]
+    assert (last.role, last.status) == ("assistant", "stopped")  # as far as it was shown (maybe no frame yet)

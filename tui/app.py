@@ -3,27 +3,33 @@
 Screens: chat (the default), models (F2), quantize (F3), help (F1 or ?, over the others). The engine
 loads in a worker on the llama thread behind the chat's "loading" line; replies stream through
 `ChatSession.asend_frames`, which the tests drive too.
+
+Threads: the UI thread owns the app's state (the session, the model it holds); every llama.cpp call,
+and every close of an engine or a speculator, is a job on the llama thread (threads.on_llama_thread),
+awaited with a timeout. Jobs run in order, so a close runs after the reply that used what it closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from textual import work
 from textual.app import App
 from textual.binding import Binding
+from textual.worker import Worker
 
 from edgellm.errors import EdgeLLMError
-from edgellm.memory.manager import Loaded, process_manager
+from edgellm.memory.manager import Loaded, ModelManager, process_manager
 from edgellm.memory.pressure import default_watch
 from edgellm.model_defaults import Defaults
 from edgellm.models import BETTER_MODEL_PULL
-from edgellm.options import LOOKUP_DRAFTS, Planned, planned_chat
+from edgellm.options import FLAGS, LOOKUP_DRAFTS, Planned, planned_chat
 from edgellm.runtime import kvfile
 from edgellm.runtime.backend import favour_this_thread, llama_thread
 from edgellm.runtime.engine import Engine, LoadOptions
@@ -35,6 +41,7 @@ from edgellm.tui.screens.help import HelpScreen
 from edgellm.tui.screens.models import ModelsScreen
 from edgellm.tui.screens.quantize import QuantizeScreen
 from edgellm.tui.settings import ChatSettings
+from edgellm.tui.threads import LLAMA_WAIT_S, on_llama_thread
 
 KV_FILES_KEPT = 8  # conversations whose KV cache stays on disk (SmolLM2: ~23 KB a token)
 
@@ -58,7 +65,8 @@ class ChatApp(App[int]):
                  defaults: Defaults | None = None, embedded: bool = False, notes: list[str] | None = None,
                  loader: Callable[[], Engine] | None = None, history: History | None = None,
                  resume: bool = False, draft_gpu_layers: int = 0, stop: tuple[str, ...] = (),
-                 prepare: Callable[[], tuple[Path, Planned, Defaults, bool]] | None = None) -> None:
+                 prepare: Callable[[], tuple[Path, Planned, Defaults, bool]] | None = None,
+                 manager: ModelManager | None = None) -> None:
         """Pass a ready `session`, or a `model` to load in the background (with `settings`).
 
         `defaults`: the sampling settings in force and their sources, shown on a new chat;
@@ -67,7 +75,8 @@ class ChatApp(App[int]):
         `loader`: how to get the engine (the model manager's), instead of loading `model` with `options`;
         `resume`: open the most recent conversation;
         `prepare`: what `edgellm chat` does before loading (pick the model, plan its memory), run in the
-        loading worker so the first frame does not wait for it; it gives the model, plan and defaults.
+        loading worker so the first frame does not wait for it; it gives the model, plan and defaults;
+        `manager`: the model manager planned loads go through (the process's by default).
         """
         super().__init__()
         self.session = session
@@ -80,8 +89,12 @@ class ChatApp(App[int]):
         self._defaults, self._embedded = defaults, embedded
         self._notes = notes or []
         self._loader: Callable[[], Engine | Loaded] = loader or functools.partial(Engine, model, options)
-        self._loaded: Loaded | None = None
+        self.manager = manager if manager is not None else process_manager()
+        # where the session's engine came from: the manager's (released when it goes) or loaded here (closed)
+        self._held: Loaded | Engine | None = None
         self._prepare = prepare
+        self._load_lock = asyncio.Lock()  # loads and draft changes take turns; none is cut short mid-way
+        self.loading: Worker | None = None  # the last load started: its worker ends when the model is ready or refused
         self._owns_history = history is None
         self.history = history if history is not None else History()
         self.chat = ChatScreen()
@@ -98,86 +111,127 @@ class ChatApp(App[int]):
         # it would wait up to the default 5 ms switch interval, with the cores idle.
         sys.setswitchinterval(0.001)
         if self.session is None:
-            self.load_engine()
+            self.loading = self.load_engine(self._prepare)
+            self._prepare = None
         else:
             await self.engine_ready()
 
-    @work(exclusive=True, group="load")
-    async def load_engine(self) -> None:
-        # on the thread that will decode: one OpenMP team for the process (backend.llama_thread)
-        loop = asyncio.get_running_loop()
-        speculate = functools.partial(make_speculator, draft_gpu_layers=self._draft_gpu_layers, watch=default_watch())
+    @work(group="load")
+    async def load_engine(self, prepare: Callable[[], tuple[Path, Planned, Defaults, bool]] | None = None) -> None:
+        """The model (`prepare`'s plan first, when given) in place of the one loaded, on the llama thread."""
+        async with self._load_lock:
+            try:
+                if prepare is not None:  # the plan's dry run is a llama.cpp call too
+                    self.use_plan(*await on_llama_thread(prepare, what="planning the model"))
+                # The old model goes before the new one loads: both may not fit, and once released it is the
+                # manager's to evict (or to unload when its keep-alive runs out).
+                await self.chat.stop_and_wait()
+                if self.session is not None:
+                    self.chat.unready()
+                await self._retire_session()
+                held, speculator = await on_llama_thread(
+                    self._load, self._loader, self.settings.draft, self._draft_gpu_layers,
+                    what="loading the model", dispose=self._let_go_loaded)
+            except EdgeLLMError as e:  # the app stays: another model can be picked
+                self.chat.status(f"could not load the model: {e}")
+                self.notify(f"{e}\nF2 lists the models on this machine; pick one that fits.",
+                            title="model not loaded", severity="error", timeout=30)
+                return
+            self._held = held
+            engine = held.engine if isinstance(held, Loaded) else held
+            favour_this_thread()  # keystrokes are echoed at once while a reply decodes on every core
+            self.session = ChatSession(engine, self.settings.sampling, self.settings.max_tokens,
+                                       self.settings.system, self._stop_strings, speculator=speculator)
+            await self.engine_ready()
+
+    def _load(self, loader: Callable[[], Engine | Loaded], draft: str, draft_gpu_layers: int) -> tuple[Any, Any]:
+        """(llama thread) The engine and its speculator; a speculator that fails gives the model back."""
+        held = loader()
+        engine = held.engine if isinstance(held, Loaded) else held
         try:
-            if self._prepare is not None:
-                self.use_plan(*await loop.run_in_executor(None, self._prepare))
-                self._prepare = None
-                speculate = functools.partial(make_speculator, draft_gpu_layers=self._draft_gpu_layers,
-                                              watch=default_watch())
-            loaded = await loop.run_in_executor(llama_thread(), self._loader)
-            engine = loaded.engine if isinstance(loaded, Loaded) else loaded
-            speculator = await loop.run_in_executor(llama_thread(), speculate, engine, self.settings.draft)
-        except EdgeLLMError as e:  # the app stays: another model can be picked
-            self.chat.status(f"could not load the model: {e}")
-            self.notify(f"{e}\nF2 lists the models on this machine; pick one that fits.", title="model not loaded",
-                        severity="error", timeout=30)
+            speculator = make_speculator(engine, draft, draft_gpu_layers=draft_gpu_layers, watch=default_watch())
+        except BaseException:
+            self._let_go(None, held)
+            raise
+        return held, speculator
+
+    def _let_go(self, speculator: Any, held: Loaded | Engine | None) -> None:
+        """(llama thread) Close a speculator and give back a model: the manager's is released (kept for its
+        keep-alive, evicted sooner when a load needs the room), one loaded here is closed."""
+        try:
+            if speculator is not None:
+                speculator.close()
+        finally:
+            if isinstance(held, Loaded):
+                self.manager.release(held)
+            elif held is not None:
+                held.close()
+
+    def _let_go_loaded(self, loaded: tuple[Any, Any]) -> None:
+        held, speculator = loaded  # a load whose worker was cancelled (a quit) or gave up waiting
+        self._let_go(speculator, held)
+
+    async def _retire_session(self) -> None:
+        """No session from now on; its speculator is closed and its model given back on the llama thread,
+        after the jobs handed over before (a reply that still runs there)."""
+        session, held = self.session, self._held
+        self.session, self._held = None, None
+        if session is None:
             return
-        self._close_session()
-        self._loaded = loaded if isinstance(loaded, Loaded) else None
-        favour_this_thread()  # keystrokes are echoed at once while a reply decodes on every core
-        self.session = ChatSession(engine, self.settings.sampling, self.settings.max_tokens, self.settings.system,
-                                   self._stop_strings, speculator=speculator)
-        await self.engine_ready()
+
+        def end() -> None:
+            speculator, session.speculator = session.speculator, None
+            self._let_go(speculator, held)
+
+        await on_llama_thread(end, what="closing the model")
 
     def use_plan(self, path: Path, planned: Planned, defaults: Defaults, embedded: bool) -> None:
         """`edgellm chat`'s choices: load this model with this plan and these sampling defaults."""
-        self._loader, self._draft_gpu_layers = planned.acquire, planned.draft_gpu_layers
+        self._loader = functools.partial(self.manager.acquire, planned.path, planned.request, plan=planned.plan,
+                                         **planned.extra)
+        self._draft_gpu_layers = planned.draft_gpu_layers
         self._defaults, self._embedded = defaults, embedded
         self._notes = [*planned.plan.notes, *self._notes]
         self.settings = ChatSettings.from_sampling(defaults.sampling, defaults.system, self.settings.max_tokens,
                                                    planned.draft)
 
-    def switch_model(self, path: Path) -> None:
+    def switch_model(self, path: Path) -> Worker:
         """Chat with another model from now on: `edgellm chat PATH`'s plan and sampling defaults, worked out
         in the loading worker (the dry run and the draft scan take a second)."""
-        from edgellm.cli import command_parser
         from edgellm.commands.chat import prepare
 
         # a lookup choice carries over; a draft model was the old model's: the plan finds one anew
         draft = self.settings.draft if self.settings.draft in LOOKUP_DRAFTS else "auto"
-        parser, _ = command_parser("chat")
-        self._prepare = functools.partial(prepare, parser.parse_args([str(path), "--draft", draft]), path)
         self._notes = []
         self.chat.status(f"loading {path.name}…")
-        self.load_engine()
+        self.loading = self.load_engine(functools.partial(prepare, FLAGS.namespace(model=str(path), draft=draft),
+                                                          path))
+        return self.loading
 
-    @work(exclusive=True, group="load")
+    @work(group="load")
     async def change_draft(self, draft: str) -> None:
         """A new draft choice for the loaded model (auto: the plan picks one that fits)."""
-        if self.session is None:
-            return
-        engine = self.session.engine
-        loop = asyncio.get_running_loop()
-        try:
-            planned = await loop.run_in_executor(None, planned_chat, engine.path, draft)
-            speculator = await loop.run_in_executor(llama_thread(), functools.partial(
-                make_speculator, engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers,
-                watch=default_watch()))
-        except EdgeLLMError as e:
-            self.notify(str(e), title="draft not changed", severity="error")
-            return
-        if self.session.speculator is not None:
-            self.session.speculator.close()
-        self.session.speculator = speculator
-        self.chat.status(f"draft: {planned.draft}")
+        async with self._load_lock:
+            session = self.session
+            if session is None:
+                return
+            try:
+                chosen = await on_llama_thread(self._swap_draft, session, draft, what="changing the draft")
+            except EdgeLLMError as e:
+                self.notify(str(e), title="draft not changed", severity="error")
+                return
+            self.chat.status(f"draft: {chosen}")
 
-    def _close_session(self) -> None:
-        if self.session is None:
-            return
-        if self.session.speculator is not None:
-            self.session.speculator.close()
-        if self._loaded is not None:
-            process_manager().release(self._loaded)  # kept for its keep-alive, then evicted
-            self._loaded = None
+    @staticmethod
+    def _swap_draft(session: ChatSession, draft: str) -> str:
+        """(llama thread, so between two replies) Plan the draft, make its speculator, close the old one."""
+        planned = planned_chat(session.engine.path, draft)
+        speculator = make_speculator(session.engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers,
+                                     watch=default_watch())
+        old, session.speculator = session.speculator, speculator
+        if old is not None:
+            old.close()
+        return planned.draft
 
     async def engine_ready(self) -> None:
         assert self.session is not None
@@ -218,7 +272,10 @@ class ChatApp(App[int]):
         await self.park_kv()
         self.conversation = None
         if self.session is not None:
-            self.session.engine.reset()
+            try:
+                await on_llama_thread(self.session.engine.reset, what="emptying the KV cache")
+            except EdgeLLMError as e:
+                self.chat.status(str(e))
         self.apply_settings(self.settings)
 
     async def open_conversation(self, conversation_id: int) -> None:
@@ -234,12 +291,19 @@ class ChatApp(App[int]):
 
     async def park_kv(self) -> None:
         """The shown conversation's KV cache to disk, so that coming back to it prefills nothing again."""
-        if self.session is None or self.conversation is None or not self.session.engine.kv_tokens:
+        if self.session is None or self.conversation is None:
             return
         engine, path = self.session.engine, self.kv_path(self.conversation.id)
-        loop = asyncio.get_running_loop()
+
+        def save() -> bool:
+            tokens = list(engine.kv_tokens)  # read where the decode writes it
+            if tokens:
+                kvfile.save(engine, 0, tokens, path)
+            return bool(tokens)
+
         try:
-            await loop.run_in_executor(llama_thread(), kvfile.save, engine, 0, list(engine.kv_tokens), path)
+            if not await on_llama_thread(save, what="saving the KV cache"):
+                return
         except EdgeLLMError:
             return  # it is prefilled again when the conversation comes back
         kept = sorted(path.parent.glob("*.kv"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -251,7 +315,6 @@ class ChatApp(App[int]):
         if self.session is None or not path.is_file():
             return
         engine = self.session.engine
-        loop = asyncio.get_running_loop()
 
         def load() -> None:
             engine.reset()
@@ -260,7 +323,10 @@ class ChatApp(App[int]):
             except EdgeLLMError:  # another model or other settings: the next reply prefills it
                 engine.reset()
 
-        await loop.run_in_executor(llama_thread(), load)
+        try:
+            await on_llama_thread(load, what="restoring the KV cache")
+        except EdgeLLMError as e:
+            self.chat.status(str(e))
 
     def apply_settings(self, settings: ChatSettings) -> None:
         """A conversation's system prompt and sampling into the session; its messages after them."""
@@ -310,13 +376,21 @@ class ChatApp(App[int]):
         await self.park_kv()  # --resume continues without prefilling
         self.exit(0)
 
-    def on_unmount(self) -> None:
-        self._close_session()
+    async def on_unmount(self) -> None:
+        self.workers.cancel_group(self, "load")  # what a load under way makes is let go when it is done
+        await self.chat.stop_and_wait()  # the reply so far is saved before the history closes
+        with contextlib.suppress(EdgeLLMError):  # too late to tell anyone: the job still runs
+            await self._retire_session()
         if self._owns_history:
             self.history.close()
 
 
 def run_app(prepare: Callable[[], tuple[Path, Planned, Defaults, bool]], resume: bool = False,
-            max_tokens: int = 512, stop: tuple[str, ...] = ()) -> int:
+            max_tokens: int = FLAGS.max_tokens, stop: tuple[str, ...] = ()) -> int:
     """`edgellm chat` on a terminal: `prepare` (model, plan, defaults) runs behind the first frame."""
-    return ChatApp(prepare=prepare, resume=resume, settings=ChatSettings(max_tokens=max_tokens), stop=stop).run() or 0
+    try:
+        return ChatApp(prepare=prepare, resume=resume, settings=ChatSettings(max_tokens=max_tokens), stop=stop).run() or 0
+    finally:
+        # released models wait out their keep-alive: unloaded now, on the llama thread, not at interpreter exit
+        with contextlib.suppress(TimeoutError):
+            llama_thread().submit(process_manager().close).result(LLAMA_WAIT_S)

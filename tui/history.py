@@ -167,9 +167,6 @@ class History:
                         (conversation.model, json.dumps(conversation.settings), conversation.updated_at,
                          conversation.id))
 
-    def delete(self, conversation_id: int) -> None:
-        self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
-
     # -- messages -------------------------------------------------------------------------------------
     def add(self, conversation: Conversation, message: Message) -> Message:
         """Commit one completed message; the first user message names the conversation."""

@@ -2,7 +2,8 @@
 
 Replies stream in a worker (the decode runs on the llama thread; the UI takes one frame of records
 every `frame_s`). Every completed message is committed to the history as it completes; a stopped reply
-(Esc, Ctrl+C, quitting) is kept and marked "stopped".
+(Esc, Ctrl+C, quitting) is kept and marked "stopped": the frames shown, the text saved and the session's
+next prompt are the same records.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Tab, Tabs
+from textual.worker import WorkerCancelled
 
 from edgellm.decoding.records import Record
 from edgellm.errors import EdgeLLMError
 from edgellm.tui.history import Message
+from edgellm.tui.threads import on_llama_thread
 from edgellm.tui.widgets import Bubble, ConversationList, Notice, PromptArea, StatusBar
 from edgellm.tui.widgets.status import memory_summary, reply_summary
 
@@ -32,6 +35,7 @@ OPEN_TABS = 6  # chats open side by side (the sidebar has them all)
 TAB_CHARS = 18
 SIDEBAR_MIN_WIDTH = 120  # narrower terminals start with the sidebar hidden (Ctrl+B shows it)
 MIN_SIZE = (60, 16)
+STOP_WAIT_S = 30.0  # a reply stops at its next token; one that has not by then is reported
 
 
 class ChatScreen(Screen):
@@ -140,23 +144,37 @@ class ChatScreen(Screen):
         app = self.chat_app
         await self.show_conversation()
         self.status(f"{app.session.engine.info.name} · ready")
-        self.show_memory()
+        await self.show_memory()
         prompt = self.query_one(PromptArea)
         prompt.disabled = False
         prompt.focus()
 
+    def unready(self, line: str | None = None) -> None:
+        """No model for now (another is loading): the message box closes."""
+        if line is not None:
+            self.status(line)
+        self.query_one(PromptArea).disabled = True
+
     def status(self, line: str) -> None:
         self.query_one(StatusBar).show(line)
 
-    def show_memory(self) -> None:
+    async def show_memory(self) -> None:
         session = self.chat_app.session
         if session is None:
             return
         engine = session.engine
-        draft = getattr(session.speculator, "draft_engine", None)
+
+        def measure() -> tuple[int, int, int]:  # the KV state's size is a llama.cpp call
+            draft = getattr(session.speculator, "draft_engine", None)
+            return engine.seq.nbytes, len(engine.kv_tokens), draft.info.size_bytes if draft else 0
+
+        try:
+            kv_bytes, kv_tokens, draft_bytes = await on_llama_thread(measure, what="measuring the KV cache")
+        except EdgeLLMError:
+            return
         self.query_one(StatusBar).show(memory=memory_summary(
-            engine.info.size_bytes, engine.seq.nbytes, draft.info.size_bytes if draft else 0,
-            psutil.Process().memory_info().rss, len(engine.kv_tokens), engine.n_ctx))
+            engine.info.size_bytes, kv_bytes, draft_bytes, psutil.Process().memory_info().rss, kv_tokens,
+            engine.n_ctx))
 
     def on_resize(self) -> None:
         if (self.app.size.width, self.app.size.height) < MIN_SIZE:
@@ -207,9 +225,11 @@ class ChatScreen(Screen):
         await painted.wait()
         last: Record | None = None
         status, error = "stopped", None
+        shown: list[str] = []  # what the session keeps too: every frame taken is shown
         try:
             async with aclosing(app.session.asend_frames(text, self.frame_s)) as frames:
                 async for frame in frames:
+                    shown.extend(r.text for r in frame)
                     if reply.append_records(frame):
                         box.scroll_end(animate=False)
                     for event in (r.event for r in frame if r.event):
@@ -222,10 +242,11 @@ class ChatScreen(Screen):
         except EdgeLLMError as e:
             status, error = "error", str(e)
         finally:  # also on cancellation (quitting mid-reply): what was written is kept
+            content = "".join(shown)  # the records as made (the bubble drops control characters)
             if error is not None:
                 reply.body.append(f"[{error}]")
                 reply.add_class("error")
-            content = reply.plain
+                content = reply.plain
             reply.finish(status)
             stats = last.stats.as_dict() if last is not None else None
             app.history.add(conversation, Message("assistant", content, status, stats))
@@ -238,15 +259,29 @@ class ChatScreen(Screen):
         elif last is not None:
             self.last_record = last
             self.status(reply_summary(last))
-        self.show_memory()
+        await self.show_memory()
         self.refresh_list()
 
     async def stop_and_wait(self) -> None:
         """Stop a streaming reply at the next frame and wait until it is saved."""
-        worker = self._reply_worker
-        if worker is not None:
+        if self._reply_worker is not None:
             self._stop = True
-            await worker.wait()
+        await self.reply_done()
+
+    async def reply_done(self, timeout: float = STOP_WAIT_S) -> None:
+        """Wait until the streaming reply, if any, ends and is saved; past `timeout` the status line says so."""
+        worker = self._reply_worker
+        if worker is None:
+            return
+        waiting = asyncio.ensure_future(worker.wait())
+        waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, if no one waits any more
+        try:  # shielded: giving up waiting must not cancel the worker, which saves the reply
+            await asyncio.wait_for(asyncio.shield(waiting), timeout)
+        except WorkerCancelled:  # quitting cancelled it; its `finally` saved the reply
+            pass
+        except TimeoutError:
+            if self.is_mounted:  # not while the app closes
+                self.status(f"the reply did not end within {timeout:g} s")
 
     # -- actions --------------------------------------------------------------------------------------
     def action_stop(self) -> None:
