@@ -4,11 +4,12 @@
 The baselines our benchmarks compare against must be the same llama.cpp, built with the same CPU flags
 as our wheel (edgellm/buildflags.py). Binaries are cached in ~/.cache/edgellm/tools/<key>/bin.
 
-    python benchmarks/llama_tools.py llama-bench [more targets]   # prints the binary paths
+    python benchmarks/llama_tools.py llama-bench [llama-server …]   # prints the binary paths
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -37,22 +38,35 @@ def sdist_dir() -> Path:
     return src
 
 
+# llama-server's embedded web UI: neither built with npm nor downloaded at build time (an empty asset table)
+SERVER_ARGS = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
+
+
 def tool_paths(*targets: str) -> list[Path]:
+    """Paths of llama.cpp tools (llama-bench, llama-server, …), built once per llama.cpp version and CPU flags."""
     args = [a for a in cmake_args(cpu_flags(), has_cuda()) if "BUILD_TOOLS" not in a]
+    # the key is the one from before llama-server (cmake_args' -DLLAMA_BUILD_SERVER=OFF is in it): turning the
+    # server on below only adds targets, so the binaries already cached under the key stay valid
     key = cache_key(args)
-    bin_dir = cache_dir() / "tools" / key / "bin"
-    missing = [t for t in targets if not (bin_dir / t).exists()]
-    if missing:
-        src = sdist_dir() / "vendor" / "llama.cpp"
-        build = cache_dir() / "tools" / key / "build"
-        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                        "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TOOLS=ON",
-                        "-DLLAMA_BUILD_SERVER=OFF", *args], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
-                        "--target", *missing], check=True)
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        for t in missing:
-            (build / "bin" / t).replace(bin_dir / t)
+    tools = cache_dir() / "tools" / key
+    bin_dir = tools / "bin"
+    if all((bin_dir / t).exists() for t in targets):
+        return [bin_dir / t for t in targets]
+    tools.mkdir(parents=True, exist_ok=True)
+    with open(tools / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time in the shared build folder
+        missing = [t for t in targets if not (bin_dir / t).exists()]
+        if missing:
+            src = sdist_dir() / "vendor" / "llama.cpp"
+            build = tools / "build"
+            subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                            "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TOOLS=ON", *SERVER_ARGS,
+                            *(a for a in args if "BUILD_SERVER" not in a)], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
+                            "--target", *missing], check=True)
+            bin_dir.mkdir(parents=True, exist_ok=True)
+            for t in missing:
+                (build / "bin" / t).replace(bin_dir / t)
     return [bin_dir / t for t in targets]
 
 
