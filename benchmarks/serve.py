@@ -93,15 +93,17 @@ class Server:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout: float) -> str:
-        """Poll GET /v1/models until it lists a model; return the id to ask for."""
+    def wait_ready(self, timeout: float, want: str | None = None) -> str:
+        """Poll GET /v1/models until it lists a model; return the id to ask for: `want` where it is listed (edgellm
+        lists every local model), else the first (llama-server lists its one)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}:\n{self.log_tail()}")
             models = get_json(f"{self.base_url}/models", timeout=2)
             if models and models.get("data"):
-                return models["data"][0]["id"]
+                ids = [m["id"] for m in models["data"]]
+                return want if want in ids else ids[0]
             time.sleep(0.1)
         raise RuntimeError(f"{self.kind} did not answer GET /v1/models in {timeout:.0f} s:\n{self.log_tail()}")
 
@@ -119,6 +121,9 @@ class Server:
         self.log.unlink(missing_ok=True)
 
 
+EDGELLM_EXTRA: list[str] = []  # --edgellm-arg
+
+
 def server_command(kind: str, binary: Path | None, name: str, model: Path, n: int, port: int,
                    threads: int | None) -> list[str]:
     if kind == "llama-server":
@@ -126,7 +131,9 @@ def server_command(kind: str, binary: Path | None, name: str, model: Path, n: in
         return [str(binary), "-m", str(model), "-np", str(n), "-c", str(n * 2048),
                 "-t", str(threads or default_threads()), "--jinja", "--no-webui", "--host", "127.0.0.1",
                 "--port", str(port)]
-    cmd = [sys.executable, "-m", "edgellm.cli", "serve", "--model", name, "--parallel", str(n), "--port", str(port)]
+    # the same context per slot as llama-server's -c N*2048
+    cmd = [sys.executable, "-m", "edgellm.cli", "serve", "--model", name, "--parallel", str(n), "--ctx", "2048",
+           "--port", str(port), *EDGELLM_EXTRA]
     return cmd + (["--threads", str(threads)] if threads else [])  # unset: its default, physical cores
 
 
@@ -141,7 +148,7 @@ def running(kind: str, binary: Path | None, name: str, model: Path, n: int, thre
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(kind, proc, port, Path(log))
     try:
-        yield server, server.wait_ready(start_timeout)
+        yield server, server.wait_ready(start_timeout, name)
     finally:
         server.stop()
 
@@ -243,7 +250,10 @@ def main() -> int:
                     help="CPU threads for both servers (default: physical cores, edgellm's default)")
     ap.add_argument("--only", choices=SERVERS, help="run only this server (no ratios)")
     ap.add_argument("--start-timeout", type=float, default=180, help="seconds a server may take to answer")
+    ap.add_argument("--edgellm-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for edgellm serve (repeatable), e.g. --edgellm-arg=--draft --edgellm-arg=off")
     a = ap.parse_args()
+    EDGELLM_EXTRA.extend(a.edgellm_arg)
     kinds = [a.only] if a.only else list(SERVERS)
     binary = tool_paths("llama-server")[0] if "llama-server" in kinds else None
 

@@ -131,13 +131,18 @@ def main() -> int:
                     runs[method].append((request_tps(s) / ((before + after) / 2), request_tps(s), s))
                     before = after
             row = ""
+            spread = []
             for method in methods:
                 speedup, tps, s = sorted(runs[method], key=lambda r: r[0])[len(runs[method]) // 2]
                 summary.setdefault((workload, method), []).append(speedup)
                 row += f"{tps:>11.2f}{speedup:>6.2f}{s.acceptance:>5.2f}{s.mean_accepted:>5.1f}"
+                if a.repeat > 1:  # run to run: the same text and choices should give the same speedup
+                    spread.append(f"{method} " + ", ".join(f"{r[0]:.2f}x" for r in runs[method]))
             base = sum(plains) / len(plains)
             head = f"{workload:<11}{name:<12}{base:>10.2f}{ceiling(prompt, out, curve):>8.2f}"
             print(head + row, flush=True)
+            if spread:
+                print(f"{'':<23}runs: " + "; ".join(spread), flush=True)
     print()
     for (workload, method), speedups in summary.items():
         geo = math.exp(sum(math.log(x) for x in speedups) / len(speedups))

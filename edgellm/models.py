@@ -170,7 +170,8 @@ class LocalModel:
         return "-" if self.info is None else "chat" if self.info.chat_template else "base"
 
 
-def _candidates() -> Iterator[tuple[str, str, Path]]:
+def candidates() -> Iterator[tuple[str, str, Path]]:
+    """(name, source, path) of every local GGUF, in order of preference; headers not read."""
     for name, alias in ALIASES.items():
         embedded = embedded_path(alias)
         if embedded:
@@ -196,7 +197,7 @@ def _candidates() -> Iterator[tuple[str, str, Path]]:
 def list_local() -> list[LocalModel]:
     seen: set[Path] = set()
     out = []
-    for name, source, path in _candidates():
+    for name, source, path in candidates():
         real = path.resolve()
         if real in seen:
             continue
@@ -205,6 +206,8 @@ def list_local() -> list[LocalModel]:
             out.append(LocalModel(name, source, read_info(path)))
         except EdgeLLMError as e:
             out.append(LocalModel(name, source, None, str(e)))
+        except OSError as e:  # unreadable, or removed while we listed
+            out.append(LocalModel(name, source, None, f"cannot read {path}: {e.strerror or e}"))
     return out
 
 

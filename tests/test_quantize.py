@@ -576,15 +576,19 @@ def test_generation_config_and_head_dim_are_written_like_llama_cpp_converter(tmp
                                 "repeat_penalty": "gguf", "repeat_last_n": "llama.cpp"}
 
 
-def test_auto_draft_is_a_local_model_with_the_same_vocabulary(tmp_path: Path, smol_hf: Path, smollm2: Path,
-                                                              monkeypatch):
+def test_auto_draft_is_a_local_model_with_the_same_vocabulary_loaded_only_where_it_pays(
+        tmp_path: Path, smol_hf: Path, smollm2: Path, monkeypatch):
     """--draft auto finds its draft model by vocabulary (a digest of the pieces), not by name: here a tiny
-    llama made with SmolLM2's tokenizer, in an otherwise empty models dir."""
+    llama made with SmolLM2's tokenizer, in an otherwise empty models dir; it loads it only where the target's
+    cost curve says even a good draft could pay (a GPU-like flat curve), not where a batch costs what its
+    tokens cost one by one (a 2-core CPU)."""
     from edgellm.gguf_info import read_info
     from edgellm.models import find_draft
+    from edgellm.speculative import costs
     from edgellm.speculative.setup import make_speculator
 
-    for var, name in (("EDGELLM_MODELS", "models"), ("EDGELLM_DEV_MODELS", "dev"), ("HF_HOME", "hf")):
+    for var, name in (("EDGELLM_MODELS", "models"), ("EDGELLM_DEV_MODELS", "dev"), ("HF_HOME", "hf"),
+                      ("EDGELLM_CACHE", "cache")):
         (tmp_path / name).mkdir()
         monkeypatch.setenv(var, str(tmp_path / name))
     tiny = convert(tiny_checkpoint(tmp_path / "tiny", "LlamaForCausalLM", smol_hf), tmp_path / "models" / "tiny.gguf")
@@ -592,11 +596,17 @@ def test_auto_draft_is_a_local_model_with_the_same_vocabulary(tmp_path: Path, sm
     assert find_draft(read_info(smollm2)).path == tiny
     assert find_draft(read_info(tiny)) is None  # nothing with its vocabulary is half its size
     with Engine(smollm2, LoadOptions(n_ctx=512)) as target:
-        speculator = make_speculator(target, "auto")
-        try:
-            assert speculator.draft_engine is not None and speculator.draft_engine.path == tiny
-        finally:
-            speculator.close()
+        t1 = 0.006
+        for flat, loads in ((False, False), (True, True)):
+            cost = (lambda n: 1 + 0.02 * (n - 1)) if flat else (lambda n: float(n))
+            costs.save(target, costs.CostCurve({n: t1 * cost(n) for n in costs.SIZES}))
+            speculator = make_speculator(target, "auto")
+            try:
+                assert (speculator.draft_engine is not None) == loads, flat
+                if loads:
+                    assert speculator.draft_engine.path == tiny
+            finally:
+                speculator.close()
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -301,3 +301,14 @@ def test_soak_200_mixed_requests_keep_rss_fds_and_threads_flat(server: ServerPro
     assert rss1 <= rss0 * 1.05, (rss0, rss1)
     assert fds1 <= fds0 and threads1 <= threads0, ((fds0, threads0), (fds1, threads1))
     assert ask(openai.OpenAI(base_url=f"{server.url}/v1", api_key="x"), "Say yes.", max_tokens=4).choices
+
+
+def test_a_port_in_use_is_refused_in_one_line(cli):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cli("serve", "--port", str(taken.getsockname()[1]))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("edgellm: could not serve"), lines

@@ -70,9 +70,16 @@ def main(a: argparse.Namespace) -> int:
                         draft=a.draft, keep_alive_s=keep_alive if keep_alive is not None else 300.0)
     driver = Driver(settings)
 
+    failures: list[str] = []
+
     async def load_first() -> None:
         for entry in preload:
-            await warm(driver, entry)
+            try:
+                await warm(driver, entry)
+            except EdgeLLMError as e:  # said in one line once uvicorn has stopped
+                failures.append(f"--model {entry.name}: {e}")
+                server.stop_soon()
+                return
 
     def announce() -> None:  # once the port is open
         names = ", ".join(e.name for e in catalog.entries())
@@ -81,13 +88,21 @@ def main(a: argparse.Namespace) -> int:
             print(f"edgellm: loaded {m['name']}: {m['slots']} slot(s) x {m['n_ctx']} tokens", flush=True)
 
     app = create_app(driver, catalog, a.api_key, a.cors, on_ready=load_first)
-    config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", access_log=False,
+    # uvicorn's own log stays quiet: its errors come back here as one line each (never a traceback)
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level="critical", access_log=False,
                             timeout_graceful_shutdown=10)
     server = Server(config, driver, announce)
     try:
         server.run()
     except OSError as e:  # the port is taken, the address is not ours
         raise EdgeLLMError(f"cannot serve on {a.host}:{a.port}: {e.strerror or e}") from e
+    except SystemExit:  # uvicorn exits when it cannot bind: said below in one line
+        if server.started:
+            raise
+    if failures:
+        raise EdgeLLMError(failures[0])
+    if not server.started:  # uvicorn logged why (a port in use) and returned
+        raise EdgeLLMError(f"could not serve on {a.host}:{a.port} (is the port in use?)")
     return 0
 
 
@@ -125,3 +140,10 @@ class Server:
 
     def run(self) -> None:
         self._server.run()
+
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
+
+    def stop_soon(self) -> None:
+        self._server.should_exit = True

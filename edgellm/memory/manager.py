@@ -12,8 +12,10 @@ as every llama.cpp call of an app; loads and evictions run on the thread that ca
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -59,7 +61,7 @@ class ModelManager:
         self._cond = threading.Condition()  # guards the models, the events and the timer
         self._timer: threading.Timer | None = None
         self._expiry_queued = False  # one expire job at most waits on the llama thread (a server's loop may hold it)
-        self.events: list[str] = []  # what the manager did, in words (loads, evictions, waits)
+        self.events: deque[str] = deque(maxlen=256)  # what the manager did, in words (loads, evictions, waits)
 
     @property
     def used(self) -> int:
@@ -184,7 +186,7 @@ class ModelManager:
             self._timer.cancel()
             self._timer = None
         idle = [m.last_used for m in self._models if m.users == 0]
-        if not idle:
+        if not idle or math.isinf(self.keep_alive_s):  # kept for good (a server's driver unloads them itself)
             return
         self._timer = threading.Timer(max(0.0, min(idle) + self.keep_alive_s - time.monotonic()), self._expire_later)
         self._timer.name = "edgellm-keep-alive"

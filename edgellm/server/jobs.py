@@ -11,6 +11,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
 from edgellm.decoding.records import Record, Stats
 from edgellm.server.driver import DONE, Driver, Job, ServeError, Started
 
@@ -71,14 +75,42 @@ async def records(driver: Driver, job: Job) -> AsyncIterator[Record]:
         driver.cancel(job)  # a no-op when it is done; frees the slot when the client went away
 
 
-async def collect(driver: Driver, job: Job) -> Outcome:
-    out = Outcome()
-    parts = []
-    async for record in records(driver, job):
-        out.records.append(record)
-        parts.append(record.text)
-    out.text = "".join(parts)
-    return out
+async def collect(driver: Driver, job: Job, request: Request | None = None) -> Outcome:
+    """The whole reply; a client that disconnects meanwhile cancels it (uvicorn does not cancel the handler)."""
+    watcher = asyncio.create_task(cancel_on_disconnect(driver, job, request)) if request is not None else None
+    try:
+        out = Outcome()
+        parts = []
+        async for record in records(driver, job):
+            out.records.append(record)
+            parts.append(record.text)
+        out.text = "".join(parts)
+        return out
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def cancel_on_disconnect(driver: Driver, job: Job, request: Request) -> None:
+    """The body is read: the next message the server gets on this request is the client leaving."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    driver.cancel(job)
+
+
+class JobStream(StreamingResponse):
+    """A streamed reply that cancels its job however the response ends: a client gone before the first
+    chunk (the stream's generator never ran) included."""
+
+    def __init__(self, content: AsyncIterator[str], driver: Driver, job: Job, media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self.driver, self.job = driver, job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.driver.cancel(self.job)
 
 
 def extension(stats: Stats, finish_reason: str | None) -> dict:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from edgellm.runtime.engine import Engine
 from edgellm.runtime.sampling import Sampler
 from edgellm.speculative.drafters import EditAwareLookup
-from edgellm.speculative.policy import MARGIN, Policy
+from edgellm.speculative.policy import MARGIN, WARMUP_STEPS, Policy
 
 # Lookups cost Python time on every step (catch up, propose, score: ~0.25 ms here), which is 4% of a
 # SmolLM2 token but 1% of a 1.5B one. A sequence keeps them while the tokens they got accepted saved
@@ -28,7 +28,6 @@ from edgellm.speculative.policy import MARGIN, Policy
 # the reply (Lookahead.pays).
 
 SOURCE = "edit:batched"
-WARMUP_STEPS = 16  # steps before a sequence's lookups are judged on their bookkeeping
 
 
 class Lookahead:

@@ -36,6 +36,7 @@ DECAY = 0.995  # per scored token: older evidence fades
 PRIOR = (1.0, 1.0)  # (kept, lost) a new source starts with: a = 0.5
 SETTLE_DECAY = 0.85  # per verified draft: how fast the realized/expected ratio follows the text
 SETTLE_PRIOR = 2.0  # expected tokens the ratio starts with (at 1.0)
+WARMUP_STEPS = 16  # steps before a sequence's lookups are judged on their bookkeeping (decoding/steps.py, batched.py)
 FORGIVE = 0.05  # per step spent off: share of the shortfall forgotten (the text may have changed)
 
 
