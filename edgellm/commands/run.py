@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
 from edgellm.gguf_info import read_info
@@ -12,6 +14,7 @@ from edgellm.memory.manager import process_manager
 from edgellm.memory.pressure import default_watch
 from edgellm.models import default_model, is_model_spec, resolve
 from edgellm.options import add_model_arguments, add_sampling_arguments, planned_load, sampling_defaults
+from edgellm.runtime import grammar
 from edgellm.speculative.setup import make_speculator
 
 
@@ -23,6 +26,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="no chat template: complete the text as it is")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: text, finish reason, stats, the sampling settings in force")
+    p.add_argument("--schema", metavar="FILE.json", default=None,
+                   help="the reply is JSON that validates against this JSON schema, printed as it is (pipe it to jq)")
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="json: the reply is one JSON object, any (--schema constrains it further)")
+
+
+def reply_grammar(a: argparse.Namespace) -> str | None:
+    """The GBNF the reply follows (--schema, --format json), or None; a bad file or schema in one line."""
+    if a.schema is None:
+        return grammar.json_object_gbnf() if a.format == "json" else None
+    try:
+        text = Path(a.schema).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EdgeLLMError(f"--schema {a.schema}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeLLMError(f"--schema {a.schema}: cannot read it: {e}") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EdgeLLMError(f"--schema {a.schema}: not JSON: {e}") from None
+    except RecursionError:
+        raise EdgeLLMError(f"--schema {a.schema}: nested too deeply") from None
+    try:
+        return grammar.schema_to_gbnf(schema)
+    except grammar.SchemaError as e:
+        raise EdgeLLMError(f"--schema {a.schema}: {e}") from None
 
 
 def model_and_prompt(a: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -40,6 +69,9 @@ def main(a: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise EdgeLLMError("the prompt is empty")
+    structured = reply_grammar(a)  # before the load: a bad schema is refused at once
+    if structured is not None:
+        grammar.check_grammar(structured)
     path = resolve(model) if model else default_model().path
     info = read_info(path)
     defaults = sampling_defaults(a, info)
@@ -49,7 +81,8 @@ def main(a: argparse.Namespace) -> int:
     engine = planned.load()
     speculator = make_speculator(engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers,
                                  watch=default_watch())
-    kwargs = {"sampling": defaults.sampling, "max_tokens": a.max_tokens, "speculator": speculator}
+    sampling = defaults.sampling if structured is None else replace(defaults.sampling, grammar=structured)
+    kwargs = {"sampling": sampling, "max_tokens": a.max_tokens, "speculator": speculator}
     if a.raw:
         records = engine.generate(engine.tokenize(prompt), stop=a.stop, **kwargs)
     else:
@@ -76,10 +109,13 @@ def main(a: argparse.Namespace) -> int:
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
-        if record.finish_reason not in ("eog", "stop"):  # say why a reply ended early, as the TUI does
-            print(f"edgellm: {record.finish_words}"
-                  + (f" (-n {a.max_tokens})" if record.finish_reason == "length" else ""), file=sys.stderr)
+    # say why a reply ended early, as the TUI does; under a grammar only the end of the JSON is complete (a
+    # pipeline must not take half of one: exit 1)
+    incomplete = structured is not None and record.finish_reason != "eog"
+    if incomplete or (not a.json and record.finish_reason not in ("eog", "stop")):
+        print(f"edgellm: {record.finish_words}" + (f" (-n {a.max_tokens})" if record.finish_reason == "length" else "")
+              + (": the JSON is incomplete" if incomplete else ""), file=sys.stderr)
     if speculator is not None:
         speculator.close()
     process_manager().close()
-    return 0
+    return 1 if incomplete else 0

@@ -31,8 +31,8 @@ def stream_generate(engine: Engine, prompt: Sequence[int], sampling: SamplingPar
     """Stream the continuation of `prompt` (token ids) on the engine's sequence 0, one record per token."""
     prompt = list(prompt)
     emitter = Emitter(engine, len(prompt), engine.n_ctx, stop, max_tokens, cancel, ignore_eog)
+    sampler = Sampler(sampling, engine.n_vocab, prompt, engine.vocab)  # a grammar llama.cpp refuses: before any decode
     emitter.prefilled(engine.prefill(prompt))
-    sampler = Sampler(sampling, engine.n_vocab, prompt)
     if speculator is None:
         steps = plain_steps(engine, sampler)
     else:

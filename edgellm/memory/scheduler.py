@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,7 @@ class Scheduler:
         # under pressure, first: callables that free memory and say what they did (None: nothing left)
         self.reliefs: list[Callable[[], str | None]] = []
         self.accepting = True
-        self.events: list[str] = []
+        self.events: deque[str] = deque(maxlen=256)
 
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None, max_tokens: int = 256,
@@ -200,6 +201,11 @@ class Scheduler:
             kvfile.remove(path)
 
     def _start(self, request: Request, slot: Slot) -> None:
+        try:
+            sampler = Sampler(request.sampling, self.engine.n_vocab, request.prompt, self.engine.vocab)
+        except EdgeLLMError as e:  # a grammar llama.cpp refuses: this request ends, the others go on
+            self._end(request, "error", str(e))
+            return
         keep = min(common_prefix(slot.tokens, request.prompt), len(request.prompt) - 1)
         try:
             slot.kv.trim(keep)
@@ -209,7 +215,7 @@ class Scheduler:
         request.slot = slot
         request._todo = request.prompt[keep:]
         request.emitter.stats.prefilled_tokens = len(request._todo)
-        request._sampler = Sampler(request.sampling, self.engine.n_vocab, request.prompt)
+        request._sampler = sampler
         if self.policy is not None:
             request.emitter.drafting = Drafting(plain_t1=self.policy.curve.t1)
             request._spec = Lookahead(self.policy, self.engine, request._sampler, request.prompt)

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import shutil
 import tempfile
@@ -34,6 +35,7 @@ from edgellm.model_defaults import resolve_defaults
 from edgellm.options import Planned, planned_load
 from edgellm.runtime.backend import llama_thread
 from edgellm.runtime.engine import Engine
+from edgellm.runtime.grammar import check_grammar
 from edgellm.server.catalog import Entry
 
 log = logging.getLogger("edgellm.serve")
@@ -71,12 +73,12 @@ class Started:
 DONE = object()  # posted last
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     entry: Entry
     messages: list[dict[str, Any]] | None  # a chat, rendered through the model's template
     prompt: str | None  # or a raw completion
-    sampling: dict[str, Any]  # settings the request gave (None: the model's default)
+    sampling: dict[str, Any]  # settings the request gave (None: the model's default); "grammar": GBNF text
     max_tokens: int | None
     stop: list[str]
     loop: asyncio.AbstractEventLoop
@@ -121,22 +123,32 @@ class Driver:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.manager = process_manager()
-        self.manager.keep_alive_s = settings.keep_alive_s
+        # the driver owns keep-alive (per model, Ollama's per request); the manager's own would unload a model
+        # inside acquire() while the driver still holds its scheduler
+        self.manager.keep_alive_s = math.inf
         self._inbox: queue.SimpleQueue[Job | Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
+        self._closed = False  # the loop has ended: no job is taken any more
+        self._submit_lock = threading.Lock()
         self._served: dict[tuple[Path, int | None], Served] = {}
         self._lock = threading.Lock()  # guards `loaded_view` (read by HTTP handlers)
         self.loaded_view: list[dict[str, Any]] = []
+        self._outbox: list[tuple[Job, object]] = []  # records for the event loop, handed over once per step
         self.swap_dir = Path(tempfile.mkdtemp(prefix="edgellm-serve-"))
         self._future = None
 
     # -- from the event loop ------------------------------------------------------------------------
     def start(self) -> None:
         self._future = llama_thread().submit(self._run)
+        self._future.add_done_callback(lambda f: f.exception() and log.error("the llama thread's loop ended: %r",
+                                                                             f.exception()))
 
     def submit(self, job: Job) -> None:
-        self._inbox.put(job)
+        with self._submit_lock:
+            if self._closed:
+                raise ServeError("the server is stopping", 503)
+            self._inbox.put(job)
         self._wake.set()
 
     def cancel(self, job: Job) -> None:
@@ -144,17 +156,19 @@ class Driver:
         self._wake.set()
 
     def stop_soon(self) -> None:
-        """A signal handler's part: cancel every job now (their streams end); the loop ends once idle."""
+        """A signal handler's part: a flag only (an Event's lock is not reentrant, and the signal may land
+        while this thread holds it); the loop sees it within a second, cancels every job, ends once idle."""
         self._stopping = True
-        self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel every job (their streams end with "cancelled"), unload the models, remove swap files."""
         self._stopping = True
         self._wake.set()
-        if self._future is not None:
-            self._future.result(timeout)
-        shutil.rmtree(self.swap_dir, ignore_errors=True)
+        try:
+            if self._future is not None:
+                self._future.result(timeout)
+        finally:
+            shutil.rmtree(self.swap_dir, ignore_errors=True)
 
     def loaded(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -172,6 +186,7 @@ class Driver:
                     if served.scheduler.active or served.scheduler.waiting:
                         busy = True
                         self._step(served)
+                self._flush()
                 if self._stopping and not busy:
                     return
                 self._idle()
@@ -180,10 +195,21 @@ class Driver:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
         finally:
+            with self._submit_lock:
+                self._closed = True  # submit() answers 503 from now on
             for served in list(self._served.values()):
+                for job, _ in served.jobs:
+                    job.post(ServeError("the server is stopping", 503))
+                served.jobs.clear()
                 self._unload(served)
+            while True:
+                try:
+                    self._inbox.get_nowait().post(ServeError("the server is stopping", 503))
+                except queue.Empty:
+                    break
             self.manager.close()
             self._publish()
+            shutil.rmtree(self.swap_dir, ignore_errors=True)
 
     def _take_inbox(self) -> None:
         while True:
@@ -192,16 +218,21 @@ class Driver:
             except queue.Empty:
                 return
             if job.cancel.is_set() or self._stopping:
-                job.post(ServeError("cancelled", 499))
+                job.post(ServeError("cancelled: the server is stopping" if self._stopping else "cancelled", 503))
                 continue
             try:
                 self._start(job)
             except ServeError as e:
                 job.post(e)
-            except EdgeLLMError as e:
+            except (EdgeLLMError, UnicodeError) as e:  # a template's error, text that is not valid Unicode
                 job.post(ServeError(str(e), 400))
+            except Exception as e:  # never the loop's end: this job fails, the others go on
+                log.exception("starting a job failed")
+                job.post(ServeError(f"internal error: {type(e).__name__}", 500))
 
     def _start(self, job: Job) -> None:
+        if job.sampling.get("grammar"):  # made from the schema on the HTTP side; llama.cpp parses it here, once
+            check_grammar(job.sampling["grammar"])
         t0 = time.perf_counter()
         served = self._served_for(job)
         load_s = time.perf_counter() - t0
@@ -221,7 +252,7 @@ class Driver:
             raise ServeError("memory is low: no new sessions until some frees", 503, retry_after=5)
         defaults = resolve_defaults(engine.info, {k: v for k, v in job.sampling.items() if k in SAMPLING_FLAGS},
                                     seed=job.sampling.get("seed"))
-        extra = {k: v for k, v in job.sampling.items() if k in ("frequency_penalty", "presence_penalty")
+        extra = {k: v for k, v in job.sampling.items() if k in ("frequency_penalty", "presence_penalty", "grammar")
                  and v is not None}
         sampling = replace(defaults.sampling, **extra)
         max_tokens = min(job.max_tokens or scheduler.cells, scheduler.cells)
@@ -240,13 +271,24 @@ class Driver:
             served = None
         if served is not None:
             if not served.held:
-                self._acquire(served.planned, job.entry)  # the same load: the manager hands the same engine back
+                loaded = self._acquire(served.planned, job.entry)  # the same load: usually the same engine back
                 served.held = True
+                if loaded is served.loaded:
+                    return served
+                self._forget(served)  # the manager loaded it anew: a new scheduler on the new engine
+                served.scheduler.close()
+                return self._serve(key, job.entry, served.planned, loaded)
             return served
         planned = self._plan(key, job.entry)
-        loaded = self._acquire(planned, job.entry)
-        scheduler = Scheduler(loaded.engine, self.swap_dir, watch=default_watch(), policy="auto")
-        served = Served(key, job.entry.name, planned, loaded, scheduler, keep_alive_s=self.settings.keep_alive_s)
+        return self._serve(key, job.entry, planned, self._acquire(planned, job.entry))
+
+    def _serve(self, key: tuple[Path, int | None], entry: Entry, planned: Planned, loaded: Loaded) -> Served:
+        try:
+            scheduler = Scheduler(loaded.engine, self.swap_dir, watch=default_watch(), policy="auto")
+        except Exception:
+            self.manager.release(loaded)
+            raise
+        served = Served(key, entry.name, planned, loaded, scheduler, keep_alive_s=self.settings.keep_alive_s)
         self._served[key] = served
         self._drop_evicted()
         return served
@@ -270,6 +312,7 @@ class Driver:
     def _drop_evicted(self) -> None:
         for served in [s for s in self._served.values() if s.engine.ctx is None]:
             self._forget(served)
+            served.scheduler.close()
 
     def _forget(self, served: Served) -> None:
         self._served.pop(served.key, None)
@@ -287,12 +330,23 @@ class Driver:
         for job, request in list(served.jobs):
             new = request.records[job.seen:]
             if new:
-                job.post(list(new))
+                self._outbox.append((job, list(new)))
                 job.seen += len(new)
             if request.done:
-                job.post(DONE)
+                self._outbox.append((job, DONE))
                 served.jobs.remove((job, request))
                 served.last_used = time.monotonic()
+
+    def _flush(self) -> None:
+        """Every job's new records in one hand-over per event loop and step: a wake-up of the loop takes a
+        core from the decode on 2 cores, so it wakes once per step, not once per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, object]]] = {}
+        for job, item in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        self._outbox.clear()
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits these any more
+                loop.call_soon_threadsafe(_deliver, items)
 
     def _idle(self) -> None:
         """Release models with no jobs to the manager (it may evict them for another), and unload those whose
@@ -309,7 +363,8 @@ class Driver:
 
     def _unload(self, served: Served) -> None:
         self._forget(served)
-        served.scheduler.close()
+        if served.engine.ctx is not None:
+            served.scheduler.close()
         if served.held:
             self.manager.release(served.loaded)
             served.held = False
@@ -326,6 +381,11 @@ class Driver:
                 for s in self._served.values()]
         with self._lock:
             self.loaded_view = view
+
+
+def _deliver(items: list[tuple[Job, object]]) -> None:
+    for job, item in items:
+        job.queue.put_nowait(item)
 
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")

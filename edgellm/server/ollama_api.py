@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgellm import __version__
 from edgellm.gguf_info import ModelInfo
 from edgellm.model_defaults import resolve_defaults
+from edgellm.runtime import grammar
 from edgellm.server import jobs
 from edgellm.server.catalog import Catalog, Entry
 from edgellm.server.driver import Driver, Job, ServeError
@@ -38,8 +39,9 @@ class Options(BaseModel):
     stop: list[str] | None = Field(None, max_length=MAX_STOPS)
 
     def settings(self) -> dict[str, Any]:
+        seed = self.seed if self.seed is None or self.seed >= 0 else None  # Ollama's -1: a random seed
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                "repeat_penalty": self.repeat_penalty, "seed": self.seed,
+                "repeat_penalty": self.repeat_penalty, "seed": seed,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
 
 
@@ -60,10 +62,22 @@ class Base(BaseModel):
     tools: list[dict] | None = None
 
     def check(self) -> None:
-        if self.format not in (None, ""):
-            raise ServeError("format: structured output is not supported by this server yet", 400)
         if self.tools:
             raise ServeError("tools: not supported by this server yet", 400)
+        self.grammar()  # a bad schema: a 400 before the job is queued
+
+    def grammar(self) -> str | None:
+        """Structured output: "json" (any JSON object) or a JSON schema -> the GBNF the reply follows."""
+        if self.format in (None, ""):
+            return None
+        if self.format == "json":
+            return grammar.json_object_gbnf()
+        if isinstance(self.format, str):
+            raise ServeError(f'format {self.format!r}: use "json" or a JSON schema object', 400)
+        try:
+            return grammar.schema_to_gbnf(self.format)
+        except grammar.SchemaError as e:
+            raise ServeError(f"format: {e}", 400) from e
 
 
 class ChatBody(Base):
@@ -151,17 +165,18 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
                 "capabilities": ["completion"]}
 
     @r.post("/api/chat")
-    async def chat(body: ChatBody):
+    async def chat(body: ChatBody, request: Request):
         body.check()
         entry = await asyncio.to_thread(catalog.find, body.model)
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         if not messages:  # Ollama loads the model and answers at once
             return JSONResponse(await preload(driver, entry, body, {"message": {"role": "assistant", "content": ""}}))
         job = make_job(entry, messages, None, body)
-        return await respond(driver, job, body, lambda text: {"message": {"role": "assistant", "content": text}})
+        return await respond(driver, job, body, lambda text: {"message": {"role": "assistant", "content": text}},
+                             request)
 
     @r.post("/api/generate")
-    async def generate(body: GenerateBody):
+    async def generate(body: GenerateBody, request: Request):
         body.check()
         if body.template:
             raise ServeError("template: a request cannot replace the model's chat template", 400)
@@ -173,7 +188,7 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
         else:
             system = [{"role": "system", "content": body.system}] if body.system else []
             job = make_job(entry, [*system, {"role": "user", "content": body.prompt}], None, body)
-        return await respond(driver, job, body, lambda text: {"response": text})
+        return await respond(driver, job, body, lambda text: {"response": text}, request)
 
     return r
 
@@ -187,8 +202,8 @@ def make_job(entry: Entry, messages: list[dict] | None, prompt: str | None, body
     o = body.options
     n = o.num_predict
     max_tokens = None if n is None or n < 0 else max(n, 1)
-    return Job(entry, messages, prompt, o.settings(), max_tokens, list(o.stop or []), asyncio.get_running_loop(),
-               n_ctx=o.num_ctx, keep_alive_s=keep_alive_seconds(body.keep_alive))
+    return Job(entry, messages, prompt, {**o.settings(), "grammar": body.grammar()}, max_tokens, list(o.stop or []),
+               asyncio.get_running_loop(), n_ctx=o.num_ctx, keep_alive_s=keep_alive_seconds(body.keep_alive))
 
 
 async def preload(driver: Driver, entry: Entry, body: Base, empty: dict) -> dict:
@@ -208,11 +223,11 @@ def final(body: Base, started: jobs.Started, out_stats, finish: str | None, tota
             "eval_duration": int(s.decode_s * 1e9), "x_edgellm": jobs.extension(s, finish)}
 
 
-async def respond(driver: Driver, job: Job, body: Base, content):
+async def respond(driver: Driver, job: Job, body: Base, content, request: Request):
     t0 = asyncio.get_running_loop().time()
     started = await jobs.start(driver, job)
     if not body.stream:
-        out = await jobs.collect(driver, job)
+        out = await jobs.collect(driver, job, request)
         if out.finish_reason == "error":
             raise ServeError(out.last.event if out.last and out.last.event else "generation failed", 500)
         elapsed = asyncio.get_running_loop().time() - t0
@@ -239,4 +254,4 @@ async def respond(driver: Driver, job: Job, body: Base, content):
         except ServeError as e:
             yield json.dumps({"error": str(e)}) + "\n"
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return jobs.JobStream(lines(), driver, job, media_type="application/x-ndjson")

@@ -11,16 +11,16 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from edgellm.runtime import grammar
 from edgellm.server import jobs
 from edgellm.server.catalog import Catalog
 from edgellm.server.driver import Driver, Job, ServeError
 from edgellm.server.limits import MAX_MESSAGES, MAX_STOPS, MAX_TOKENS
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs",
-               "logit_bias")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias")
 
 
 class TextPart(BaseModel):
@@ -43,6 +43,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = Field(None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | StrictBool | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the reply always follows the schema, strict or not
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def grammar(self) -> str | None:
+        """The GBNF a reply must follow (None: free text); a schema the grammar cannot express is a 400."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return grammar.json_object_gbnf()
+        if self.json_schema is None:
+            raise ServeError('response_format: type json_schema needs "json_schema": {"name": ..., "schema": {...}}', 400)
+        if self.json_schema.schema_ is None:
+            return grammar.json_object_gbnf()
+        try:
+            return grammar.schema_to_gbnf(self.json_schema.schema_)
+        except grammar.SchemaError as e:
+            raise ServeError(f"response_format.json_schema.schema: {e}", 400) from e
+
+
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=512)
@@ -61,6 +89,7 @@ class Sampling(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    response_format: ResponseFormat | None = None  # structured output: a grammar (runtime/grammar.py)
 
     def check(self) -> None:
         if self.n is not None and self.n > 1:
@@ -71,6 +100,10 @@ class Sampling(BaseModel):
             raise ServeError(f"{', '.join(asked)}: not supported by this server yet", 400)
         if len(self.stops()) > MAX_STOPS:
             raise ServeError(f"at most {MAX_STOPS} stop strings", 400)
+        self.grammar()  # a bad schema: a 400 before the job is queued
+
+    def grammar(self) -> str | None:
+        return self.response_format.grammar() if self.response_format is not None else None
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -78,7 +111,8 @@ class Sampling(BaseModel):
     def settings(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
                 "repeat_penalty": self.repeat_penalty, "seed": self.seed,
-                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "grammar": self.grammar()}
 
 
 class ChatCompletionRequest(Sampling):
@@ -105,7 +139,7 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
         entry = await asyncio.to_thread(catalog.find, body.model)
         job = Job(entry, [m.as_template_message() for m in body.messages], None, body.settings(),
                   body.max_completion_tokens or body.max_tokens, body.stops(), asyncio.get_running_loop())
-        return await respond(driver, job, body, "chat.completion")
+        return await respond(driver, job, body, "chat.completion", request)
 
     @r.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -115,20 +149,20 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
             raise ServeError("send one prompt per request", 400)
         entry = await asyncio.to_thread(catalog.find, body.model)
         job = Job(entry, None, prompts[0], body.settings(), body.max_tokens, body.stops(), asyncio.get_running_loop())
-        return await respond(driver, job, body, "text_completion")
+        return await respond(driver, job, body, "text_completion", request)
 
     return r
 
 
-async def respond(driver: Driver, job: Job, body: Sampling, kind: str):
+async def respond(driver: Driver, job: Job, body: Sampling, kind: str, request: Request):
     started = await jobs.start(driver, job)
     rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(events(driver, job, body.model, rid, created, kind, started.prompt_tokens,
-                                        include_usage), media_type="text/event-stream")
-    out = await jobs.collect(driver, job)
+        return jobs.JobStream(events(driver, job, body.model, rid, created, kind, started.prompt_tokens,
+                                     include_usage), driver, job, media_type="text/event-stream")
+    out = await jobs.collect(driver, job, request)
     if out.finish_reason == "error":
         raise ServeError(out.last.event if out.last and out.last.event else "generation failed", 500)
     usage = usage_of(started.prompt_tokens, out.stats.generated_tokens)
