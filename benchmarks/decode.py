@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_tools import tool_paths
+from present import present_models
 
 from edgellm.cli import command_parser
-from edgellm.errors import ModelNotFound
 from edgellm.gguf_info import read_info
 from edgellm.models import ALIASES, resolve
 from edgellm.options import planned_load, sampling_defaults
@@ -74,12 +74,7 @@ def main() -> int:
     a = ap.parse_args()
     (bench,) = tool_paths("llama-bench")
     print(f"{'model':<22} {'llama-bench tg':>15} {'default':>9} {'x':>6} {'draft off':>10} {'x':>6} {'drafted':>8}")
-    for name in a.models:
-        try:
-            path = resolve(name)
-        except ModelNotFound:
-            print(f"{name:<22} (not present; fetch it with ../shared/dev-models/fetch.py)")
-            continue
+    for name, path in present_models(a.models):
         sides: dict[str, list[float]] = {"auto": [], "off": []}
         drafted = {"auto": 0, "off": 0}
         theirs: list[float] = []

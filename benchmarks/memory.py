@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from present import present_models
 
 MIB = 1 << 20
 MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
@@ -88,17 +90,10 @@ def main() -> int:
     if a.worker:
         print(json.dumps(worker(*json.loads(a.worker))))
         return 0
-    from edgellm.errors import ModelNotFound
-    from edgellm.models import resolve
 
     print(f"{'model':<20} {'ctx':>5} {'slots':>5} {'draft':<20} {'predicted':>10} {'measured':>10} {'error':>7}")
     worst = 0.0
-    for model in a.models:
-        try:
-            resolve(model)
-        except ModelNotFound:
-            print(f"{model}: not present (python3 ../shared/dev-models/fetch.py --all)")
-            continue
+    for model, _ in present_models(a.models):
         cases = [(c, s, None) for c in a.contexts for s in (1, 4)]
         if model in DRAFTS:
             cases += [(c, 1, DRAFTS[model]) for c in a.contexts]

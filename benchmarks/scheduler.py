@@ -28,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support, edgellm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_tools import tool_paths
+from present import present_models
 
 from edgellm.commands.bench import run_parallel
-from edgellm.errors import ModelNotFound
 from edgellm.memory.scheduler import Scheduler
 from edgellm.models import resolve
 from edgellm.runtime.engine import Engine, LoadOptions
@@ -162,12 +162,7 @@ def main() -> int:
     (binary,) = tool_paths("llama-batched-bench")
     print(f"{'model':<20} {'N':>3} {'edgellm':>9} {'one by one':>10} {'batched-bench':>13} {'ratio':>6} "
           f"{'curve':>8} {'of curve':>8}")
-    for name in a.models:
-        try:
-            path = resolve(name)
-        except ModelNotFound:
-            print(f"{name}: not present (python3 ../shared/dev-models/fetch.py --all)")
-            continue
+    for name, path in present_models(a.models):
         for n in a.sessions:
             rng = random.Random(0)
             ours, theirs, alone, curve = [], [], [], []

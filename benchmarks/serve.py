@@ -40,9 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_tools import tool_paths
+from present import present_models
 
-from edgellm.errors import ModelNotFound
-from edgellm.models import resolve
 from edgellm.runtime.engine import default_threads
 
 SERVERS = ("llama-server", "edgellm")
@@ -259,12 +258,7 @@ def main() -> int:
 
     print(f"{'model':<20} {'N':>2} {'server':<12} {'TTFT p50':>9} {'TTFT p95':>9} {'stream t/s':>10} "
           f"{'aggr. t/s':>9} {'tokens':>6}   (medians of {a.rounds} rounds; TTFT in ms)", flush=True)
-    for name in a.models:
-        try:
-            model = resolve(name)
-        except ModelNotFound:
-            print(f"{name}: not present (python3 ../shared/dev-models/fetch.py --all)")
-            continue
+    for name, model in present_models(a.models):
         for n in a.clients:
             results: dict[str, list[Round]] = {k: [] for k in kinds}
             for _ in range(a.rounds):
