@@ -496,18 +496,19 @@ def _compile(source: str):
     return template
 
 
-def render(template: str | None, messages: list[dict[str, str]], *, bos_token: str = "",
-           eos_token: str = "", add_generation_prompt: bool = True) -> str:
+def render(template: str | None, messages: list[dict[str, Any]], *, bos_token: str = "",
+           eos_token: str = "", add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
     """The prompt text; any failure of the template (syntax, a limit, any exception its code raises)
-    is an EdgeLLMError of one line that names the template's line."""
+    is an EdgeLLMError of one line that names the template's line. `tools`: OpenAI-shaped function
+    definitions, for a template that writes them itself (edgellm/tools/prompt.py decides)."""
     _limits.deadline = time.monotonic() + RENDER_SECONDS
     try:
         _limits.sizes = {}
-        _remember_sizes(messages, _limits.sizes)
+        _remember_sizes([messages, tools], _limits.sizes)
         out, size = [], 0
         chunks = _compile(template or CHATML).generate(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-            eos_token=eos_token, tools=None, documents=None)
+            eos_token=eos_token, tools=tools or None, documents=None)
         for chunk in chunks:
             size += len(chunk)
             try:

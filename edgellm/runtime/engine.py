@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as C
 import numpy as np
@@ -146,11 +147,12 @@ class Engine:
     def turn_stops(self) -> list[str]:
         return self.weights.turn_stops()
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.weights.render_chat(messages, add_generation_prompt)
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        return self.weights.render_chat(messages, add_generation_prompt, tools)
 
-    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.weights.chat_tokens(messages)
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.weights.chat_tokens(messages, tools)
 
     def logits(self, index: int = -1) -> np.ndarray:
         """Output row `index` of the last decoded batch (-1: the last), as a numpy view."""

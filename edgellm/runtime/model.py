@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as C
 
@@ -12,6 +13,7 @@ from edgellm import chat_template
 from edgellm.errors import InvalidModel
 from edgellm.gguf_info import ModelInfo, read_info
 from edgellm.runtime import backend
+from edgellm.tools.prompt import prepare as prepare_tools
 
 
 class Model:
@@ -90,14 +92,18 @@ class Model:
         texts = {self.special_text(C.llama_vocab_eos(self.vocab)), self.special_text(C.llama_vocab_eot(self.vocab))}
         return sorted(t for t in texts if t.strip())
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """`tools`: OpenAI-shaped function definitions; a template that does not write them gets a
+        generic system section (edgellm/tools/prompt.py)."""
+        messages, tools = prepare_tools(self.info.chat_template, messages, tools)
         return chat_template.render(
             self.info.chat_template, messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.special_text(C.llama_vocab_bos(self.vocab)),
-            eos_token=self.special_text(C.llama_vocab_eos(self.vocab)))
+            eos_token=self.special_text(C.llama_vocab_eos(self.vocab)), tools=tools)
 
-    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.render_chat(messages)
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        text = self.render_chat(messages, tools=tools)
         bos = self.special_text(C.llama_vocab_bos(self.vocab))
         # Templates that write the BOS text themselves must not get a second one from the tokenizer.
         add_special = not (bos and text.startswith(bos))

@@ -84,6 +84,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     n_ctx: int | None = None  # Ollama's num_ctx: a load with this context per slot
     keep_alive_s: float | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI-shaped function definitions the template is given
     cancel: threading.Event = field(default_factory=threading.Event)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     seen: int = 0  # records posted so far (the llama thread's)
@@ -238,7 +239,7 @@ class Driver:
         load_s = time.perf_counter() - t0
         engine, scheduler = served.engine, served.scheduler
         if job.messages is not None:
-            tokens = engine.chat_tokens(job.messages)  # the template's errors: one EdgeLLMError line (400)
+            tokens = engine.chat_tokens(job.messages, job.tools)  # the template's errors: one EdgeLLMError line (400)
             stop = [*job.stop, *engine.turn_stops()]
         else:
             tokens = engine.tokenize(job.prompt or "")

@@ -22,6 +22,9 @@ from edgellm.server import jobs
 from edgellm.server.catalog import Catalog, Entry
 from edgellm.server.driver import Driver, Job, ServeError
 from edgellm.server.limits import MAX_MESSAGES, MAX_STOPS, MAX_TOKENS
+from edgellm.tools.declare import Tool, ToolError, read_tools
+from edgellm.tools.parse import parse
+from edgellm.tools.watch import CallWatch
 
 
 class Options(BaseModel):
@@ -45,11 +48,31 @@ class Options(BaseModel):
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty}
 
 
+class OllamaFunction(BaseModel):
+    name: str = Field(max_length=64)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    function: OllamaFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = ""
     images: list[str] | None = None
+    tool_calls: list[OllamaCall] | None = None
+    tool_name: str | None = None  # a tool's result: the function it came from
+
+    def as_template_message(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [{"type": "function", "function": c.function.model_dump()} for c in self.tool_calls]
+        if self.role == "tool" and self.tool_name:
+            out["name"] = self.tool_name
+        return out
 
 
 class Base(BaseModel):
@@ -59,11 +82,8 @@ class Base(BaseModel):
     options: Options = Field(default_factory=Options)
     keep_alive: str | float | None = None
     format: str | dict | None = None
-    tools: list[dict] | None = None
 
     def check(self) -> None:
-        if self.tools:
-            raise ServeError("tools: not supported by this server yet", 400)
         self.grammar()  # a bad schema: a 400 before the job is queued
 
     def grammar(self) -> str | None:
@@ -82,6 +102,17 @@ class Base(BaseModel):
 
 class ChatBody(Base):
     messages: list[Message] = Field(default_factory=list, max_length=MAX_MESSAGES)
+    tools: list[Any] | None = None
+
+    def declared(self) -> list[Tool]:
+        try:
+            return read_tools(self.tools)
+        except ToolError as e:
+            raise ServeError(str(e), 400) from None
+
+    def check(self) -> None:
+        self.declared()
+        super().check()
 
 
 class GenerateBody(Base):
@@ -162,18 +193,19 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
         return {"modelfile": f"FROM {entry.name}\n", "parameters": params, "template": info.chat_template or "",
                 "details": details(info), "model_info": model_info,
                 "modified_at": datetime.fromtimestamp(entry.modified, UTC).isoformat(),
-                "capabilities": ["completion"]}
+                "capabilities": ["completion", "tools"] if info.chat_template else ["completion"]}
 
     @r.post("/api/chat")
     async def chat(body: ChatBody, request: Request):
         body.check()
         entry = await asyncio.to_thread(catalog.find, body.model)
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = [m.as_template_message() for m in body.messages]
         if not messages:  # Ollama loads the model and answers at once
             return JSONResponse(await preload(driver, entry, body, {"message": {"role": "assistant", "content": ""}}))
+        tools = body.declared()
         job = make_job(entry, messages, None, body)
-        return await respond(driver, job, body, lambda text: {"message": {"role": "assistant", "content": text}},
-                             request)
+        job.tools = [t.as_template() for t in tools] or None
+        return await respond(driver, job, body, chat_message, request, tools)
 
     @r.post("/api/generate")
     async def generate(body: GenerateBody, request: Request):
@@ -188,7 +220,7 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
         else:
             system = [{"role": "system", "content": body.system}] if body.system else []
             job = make_job(entry, [*system, {"role": "user", "content": body.prompt}], None, body)
-        return await respond(driver, job, body, lambda text: {"response": text}, request)
+        return await respond(driver, job, body, lambda text, calls=(): {"response": text}, request)
 
     return r
 
@@ -223,7 +255,16 @@ def final(body: Base, started: jobs.Started, out_stats, finish: str | None, tota
             "eval_duration": int(s.decode_s * 1e9), "x_edgellm": jobs.extension(s, finish)}
 
 
-async def respond(driver: Driver, job: Job, body: Base, content, request: Request):
+def chat_message(text: str, calls: tuple | list = ()) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [c.ollama() for c in calls]
+    return {"message": message}
+
+
+async def respond(driver: Driver, job: Job, body: Base, content, request: Request, tools: list[Tool] | None = None):
+    """`content(text, calls)`: the fields that carry a piece of the reply; with `tools`, the calls are read
+    out of the reply (and held back from the stream until it ends)."""
     t0 = asyncio.get_running_loop().time()
     started = await jobs.start(driver, job)
     if not body.stream:
@@ -231,23 +272,33 @@ async def respond(driver: Driver, job: Job, body: Base, content, request: Reques
         if out.finish_reason == "error":
             raise ServeError(out.last.event if out.last and out.last.event else "generation failed", 500)
         elapsed = asyncio.get_running_loop().time() - t0
-        return JSONResponse({"model": body.model, "created_at": now_iso(), **content(out.text),
+        parsed = parse(out.text, tools or [])
+        text = parsed.content.strip() if parsed.calls else out.text
+        return JSONResponse({"model": body.model, "created_at": now_iso(), **content(text, parsed.calls),
                              **final(body, started, out.stats, out.finish_reason, elapsed)})
+
+    watch = CallWatch(tools) if tools else None
 
     async def lines() -> AsyncIterator[str]:
         try:
             async for record in jobs.records(driver, job):
+                text = watch.feed(record.text) if watch is not None else record.text
                 if record.finish_reason is None:
-                    if record.text:
-                        yield json.dumps({"model": body.model, "created_at": now_iso(), **content(record.text),
+                    if text:
+                        yield json.dumps({"model": body.model, "created_at": now_iso(), **content(text),
                                           "done": False}, ensure_ascii=False) + "\n"
                     continue
                 if record.finish_reason == "error":
                     yield json.dumps({"error": record.event or "generation failed"}) + "\n"
                     return
                 elapsed = asyncio.get_running_loop().time() - t0
-                if record.text:
-                    yield json.dumps({"model": body.model, "created_at": now_iso(), **content(record.text),
+                calls: list = []
+                if watch is not None:
+                    rest, parsed = watch.finish()
+                    text += rest
+                    calls = parsed.calls
+                if text or calls:
+                    yield json.dumps({"model": body.model, "created_at": now_iso(), **content(text, calls),
                                       "done": False}, ensure_ascii=False) + "\n"
                 yield json.dumps({"model": body.model, "created_at": now_iso(), **content(""),
                                   **final(body, started, record.stats, record.finish_reason, elapsed)}) + "\n"

@@ -19,8 +19,12 @@ from edgellm.server import jobs
 from edgellm.server.catalog import Catalog
 from edgellm.server.driver import Driver, Job, ServeError
 from edgellm.server.limits import MAX_MESSAGES, MAX_STOPS, MAX_TOKENS
+from edgellm.tools.declare import Choice, Tool, ToolError, read_choice, read_tools
+from edgellm.tools.force import call_gbnf
+from edgellm.tools.parse import parse
+from edgellm.tools.watch import CallWatch
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias")
+UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "logit_bias")
 
 
 class TextPart(BaseModel):
@@ -28,15 +32,46 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(max_length=64)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field("", max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back in an agent loop
+    tool_call_id: str | None = None  # a tool's result: the call it answers
 
-    def as_template_message(self) -> dict[str, str]:
+    def as_template_message(self, names: dict[str, str]) -> dict[str, Any]:
+        """The message as chat templates take it: calls' arguments as objects (templates `tojson` them), a
+        tool result with its function's name (`names`: the calls so far, by id)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    arguments = json.loads(c.function.arguments or "{}")
+                except ValueError:
+                    raise ServeError(f"tool_calls: the arguments of {c.function.name!r} are not JSON", 400) from None
+                names[c.id] = c.function.name
+                calls.append({"id": c.id, "type": "function",
+                              "function": {"name": c.function.name, "arguments": arguments}})
+            out["tool_calls"] = calls
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id or ""
+            out["name"] = self.name or names.get(self.tool_call_id or "", "")
+        return out
 
 
 class StreamOptions(BaseModel):
@@ -118,6 +153,39 @@ class Sampling(BaseModel):
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def declared(self) -> tuple[list[Tool], Choice]:
+        """The tools and the choice; a bad definition is a 400 naming where."""
+        try:
+            tools = read_tools(self.tools)
+            return tools, read_choice(self.tool_choice, tools)
+        except ToolError as e:
+            raise ServeError(str(e), 400) from None
+
+    def check(self) -> None:
+        _, choice = self.declared()
+        if choice.forced and self.response_format is not None and self.response_format.type != "text":
+            raise ServeError("tool_choice forces a call: response_format cannot shape the reply too", 400)
+        super().check()  # the grammar too: the forcing one included
+
+    def grammar(self) -> str | None:
+        tools, choice = self.declared()
+        if not choice.forced and (choice.mode == "auto" or self.grammar_from_format()):
+            return super().grammar()
+        try:
+            return call_gbnf(tools, choice)
+        except ToolError as e:
+            raise ServeError(str(e), 400) from None
+
+    def grammar_from_format(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        names: dict[str, str] = {}
+        return [m.as_template_message(names) for m in self.messages]
 
 
 class CompletionRequest(Sampling):
@@ -137,9 +205,12 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
     async def chat(body: ChatCompletionRequest, request: Request):
         body.check()
         entry = await asyncio.to_thread(catalog.find, body.model)
-        job = Job(entry, [m.as_template_message() for m in body.messages], None, body.settings(),
-                  body.max_completion_tokens or body.max_tokens, body.stops(), asyncio.get_running_loop())
-        return await respond(driver, job, body, "chat.completion", request)
+        tools, choice = body.declared()
+        job = Job(entry, body.template_messages(), None, body.settings(),
+                  body.max_completion_tokens or body.max_tokens, body.stops(), asyncio.get_running_loop(),
+                  tools=[t.as_template() for t in tools] if choice.mode != "none" else None)
+        return await respond(driver, job, body, "chat.completion", request,
+                             tools if choice.mode != "none" else [], choice)
 
     @r.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -149,26 +220,34 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
             raise ServeError("send one prompt per request", 400)
         entry = await asyncio.to_thread(catalog.find, body.model)
         job = Job(entry, None, prompts[0], body.settings(), body.max_tokens, body.stops(), asyncio.get_running_loop())
-        return await respond(driver, job, body, "text_completion", request)
+        return await respond(driver, job, body, "text_completion", request, [], Choice("none"))
 
     return r
 
 
-async def respond(driver: Driver, job: Job, body: Sampling, kind: str, request: Request):
+async def respond(driver: Driver, job: Job, body: Sampling, kind: str, request: Request, tools: list[Tool],
+                  tool_choice: Choice):
     started = await jobs.start(driver, job)
     rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        watch = CallWatch(tools, hold_all=tool_choice.forced) if tools else None
         return jobs.JobStream(events(driver, job, body.model, rid, created, kind, started.prompt_tokens,
-                                     include_usage), driver, job, media_type="text/event-stream")
+                                     include_usage, watch), driver, job, media_type="text/event-stream")
     out = await jobs.collect(driver, job, request)
     if out.finish_reason == "error":
         raise ServeError(out.last.event if out.last and out.last.event else "generation failed", 500)
     usage = usage_of(started.prompt_tokens, out.stats.generated_tokens)
     if kind == "chat.completion":
-        choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                  "finish_reason": jobs.public_finish(out.finish_reason)}
+        parsed = parse(out.text, tools)
+        message: dict[str, Any] = {"role": "assistant", "content": out.text}
+        finish = jobs.public_finish(out.finish_reason)
+        if parsed.calls:
+            message = {"role": "assistant", "content": parsed.content.strip() or None,
+                       "tool_calls": [c.openai() for c in parsed.calls]}
+            finish = "tool_calls"
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": jobs.public_finish(out.finish_reason)}
     return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice],
@@ -181,15 +260,20 @@ def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 async def events(driver: Driver, job: Job, model: str, rid: str, created: int, kind: str, prompt_tokens: int,
-                 include_usage: bool) -> AsyncIterator[str]:
+                 include_usage: bool, watch: CallWatch | None = None) -> AsyncIterator[str]:
+    """The reply as server-sent events; with tools, `watch` holds back what may be a call, and the calls go
+    out as tool_calls deltas (each whole, with its index) before the finish."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, first: bool = False, **extra: Any) -> str:
+    def chunk(text: str | None, finish: str | None, first: bool = False, calls: list | None = None,
+              **extra: Any) -> str:
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = [{"index": i, **c.openai()} for i, c in enumerate(calls)]
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -202,17 +286,27 @@ async def events(driver: Driver, job: Job, model: str, rid: str, created: int, k
     try:
         async for record in jobs.records(driver, job):
             last = record
-            if record.finish_reason is None and record.text:
-                yield chunk(record.text, None)
+            text = watch.feed(record.text) if watch is not None else record.text
+            if record.finish_reason is None and text:
+                yield chunk(text, None)
             elif record.finish_reason is not None:
                 if record.finish_reason == "error":
                     err = {"message": record.event or "generation failed", "type": "server_error", "code": 500}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     return
-                if record.text:
-                    yield chunk(record.text, None)
-                yield chunk(None, jobs.public_finish(record.finish_reason),
-                            x_edgellm=jobs.extension(record.stats, record.finish_reason))
+                finish = jobs.public_finish(record.finish_reason)
+                if watch is not None:
+                    rest, parsed = watch.finish()
+                    text += rest
+                    if parsed.calls:
+                        if text:
+                            yield chunk(text, None)
+                        text = ""
+                        yield chunk(None, None, calls=parsed.calls)
+                        finish = "tool_calls"
+                if text:
+                    yield chunk(text, None)
+                yield chunk(None, finish, x_edgellm=jobs.extension(record.stats, record.finish_reason))
     except ServeError as e:
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': e.status}})}\n\n"
         return
