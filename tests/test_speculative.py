@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import llama_cpp as C
@@ -147,6 +148,31 @@ def test_candidates_are_what_the_native_chain_samples_from(engine: Engine):
     assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(p))
     tv = 0.5 * np.abs(counts / n - p).sum()
     assert tv < 0.06, f"total variation {tv:.3f} between llama.cpp's sampler and Sampler.candidates"
+
+
+def test_under_a_grammar_candidates_are_what_sample_picks(engine: Engine):
+    """The grammar is asked about the chain's pick first and masks the row only when it refuses it (llama.cpp's
+    way): the candidates are that procedure's mixture, so verification keeps plain sampling's distribution."""
+    gbnf = 'root ::= ("Blue" | "Green" | " Blue" | " Green") [^\\x00]*'
+    params = SamplingParams(temperature=1.0, top_k=30, top_p=1.0, min_p=0.0, grammar=gbnf)
+    engine.reset()
+    engine.prefill(engine.chat_tokens([{"role": "user", "content": "Pick a color."}]))
+    sampler = Sampler(params, engine.n_vocab, vocab=engine.weights.vocab)
+    ids, probs = sampler.candidates(engine.ctx, -1)
+    plain, _ = Sampler(replace(params, grammar=None), engine.n_vocab).candidates(engine.ctx, -1)
+    sampler.close()
+    assert set(plain.tolist()) - set(ids.tolist())  # the grammar refused some of the chain's own candidates
+    p = np.zeros(engine.n_vocab)
+    p[ids] = probs
+    n = 3000
+    counts = np.zeros_like(p)
+    for seed in range(n):
+        sampler = Sampler(replace(params, seed=seed), engine.n_vocab, vocab=engine.weights.vocab)
+        counts[sampler.sample(engine.ctx, -1)] += 1
+        sampler.close()
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(p))
+    tv = 0.5 * np.abs(counts / n - p).sum()
+    assert tv < 0.06, f"total variation {tv:.3f} between sampling under a grammar and Sampler.candidates"
 
 
 def test_sampling_through_speculation_runs_with_a_seed(engine: Engine, curve: CostCurve):

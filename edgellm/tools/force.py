@@ -13,7 +13,6 @@ from typing import Any
 from edgellm.runtime import grammar
 from edgellm.tools.declare import Choice, Tool, ToolError
 
-
 # tool_choice "none": the reply cannot open as a call would (JSON, a tag, a fence). A small model that has seen
 # calls in the conversation otherwise writes the call again as text instead of answering from its result.
 TEXT_GBNF = r"root ::= [^{\[<`\x00-\x20] [^\x00]*"
