@@ -255,7 +255,7 @@ def process_figures(pid: int) -> tuple[int, int, int]:
     return int(status["VmRSS"].split()[0]), len(list(Path(f"/proc/{pid}/fd").iterdir())), int(status["Threads"])
 
 
-def settled_figures(pid: int, fds0: int, threads0: int, timeout: float = 10.0) -> tuple[int, int, int]:
+def settled_figures(pid: int, fds0: int, threads0: int, timeout: float = 20.0) -> tuple[int, int, int]:
     """The figures once the server has closed its side of the connections the clients closed.
 
     uvicorn closes a socket on its event loop after the peer's FIN, so a /proc read just after the last

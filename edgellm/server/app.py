@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -66,10 +69,24 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+HELPER_THREADS = 4  # the handlers' blocking work (the catalog's file reads): asyncio.to_thread
+
+
+def started_pool(n: int) -> ThreadPoolExecutor:
+    """A pool with all its threads running: the server's thread count is the same under any load (asyncio's
+    default pool starts threads as calls overlap, so a later burst would add one)."""
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="edgellm-helper")
+    barrier = threading.Barrier(n)
+    for f in [pool.submit(barrier.wait, 30) for _ in range(n)]:
+        f.result()
+    return pool
+
+
 def create_app(driver: Driver, catalog: Catalog, api_key: str | None = None, cors: list[str] | None = None,
                on_ready: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_default_executor(started_pool(HELPER_THREADS))
         driver.start()
         try:
             if on_ready is not None:
