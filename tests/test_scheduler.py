@@ -56,6 +56,23 @@ def test_sessions_batched_write_what_each_writes_alone(engine, batched, tmp_path
     assert sum(tokens_of(r.records) == want for want, r in zip(expected, requests, strict=True)) >= 3
 
 
+def test_sessions_out_of_slot_order_still_decode_as_one_reused_graph(batched, tmp_path):
+    """llama.cpp splits a batch whose sequences are out of order into one micro-batch per sequence, each with a
+    graph built anew; the scheduler lays every step out by slot, however the requests came in."""
+    import llama_cpp as C
+
+    scheduler = Scheduler(batched, tmp_path, policy=None)
+    requests = [scheduler.submit(batched.tokenize(p), GREEDY, 16, ignore_eog=True) for p in PROMPTS]
+    scheduler.step()  # the prompts, one step
+    scheduler.active.reverse()  # as when later requests took lower slots
+    assert [r.slot.kv.seq_id for r in scheduler.active] == [3, 2, 1, 0]
+    reused = C.llama_perf_context(batched.ctx).n_reused
+    steps = scheduler.steps
+    scheduler.run()
+    assert all(r.stats.generated_tokens == 16 for r in requests)
+    assert C.llama_perf_context(batched.ctx).n_reused - reused >= scheduler.steps - steps - 1
+
+
 def test_a_new_session_joins_running_steps(engine, batched, tmp_path):
     expected = [alone(engine, p, 24) for p in PROMPTS[:3]]
     batched.reset()
