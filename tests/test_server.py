@@ -200,6 +200,11 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(client, serv
         ask(client, "hi", tools=[{"type": "function", "function": {"name": "no spaces", "parameters": {}}}])
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         ask(client, "hi", logprobs=True)
+    deep = '{"type":"object","properties":{"a":' * 5000 + "{}" + "}}" * 5000  # past Python's recursion limit
+    head = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})[:-1]
+    body = head + ', "tools": [{"type": "function", "function": {"name": "f", "parameters": ' + deep + "}}]}"
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400, r.text
     r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json() and "Traceback" not in r.text
     r = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * (5 << 20))

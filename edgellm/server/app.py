@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgellm.errors import EdgeLLMError
@@ -109,6 +110,12 @@ def create_app(driver: Driver, catalog: Catalog, api_key: str | None = None, cor
     @app.exception_handler(EdgeLLMError)
     async def edgellm_error(request: Request, e: EdgeLLMError) -> JSONResponse:
         return error_response(request, 400, str(e))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        """FastAPI's own refusals (a body it cannot parse, as JSON nested past Python's limit; an unknown path)
+        in the API's error shape too."""
+        return error_response(request, e.status_code, str(e.detail), e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
