@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -104,14 +105,16 @@ class ChatBody(Base):
     messages: list[Message] = Field(default_factory=list, max_length=MAX_MESSAGES)
     tools: list[Any] | None = None
 
+    @cached_property
     def declared(self) -> list[Tool]:
+        """The tools, checked once per request; a bad definition is a 400 naming where."""
         try:
             return read_tools(self.tools)
         except ToolError as e:
             raise ServeError(str(e), 400) from None
 
     def check(self) -> None:
-        self.declared()
+        _ = self.declared  # the tools checked here (a 400 if not), kept for the handler
         super().check()
 
 
@@ -202,7 +205,7 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
         messages = [m.as_template_message() for m in body.messages]
         if not messages:  # Ollama loads the model and answers at once
             return JSONResponse(await preload(driver, entry, body, {"message": {"role": "assistant", "content": ""}}))
-        tools = body.declared()
+        tools = body.declared
         job = make_job(entry, messages, None, body)
         job.tools = [t.as_template() for t in tools] or None
         return await respond(driver, job, body, chat_message, request, tools)

@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import cached_property
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -157,8 +158,10 @@ class ChatCompletionRequest(Sampling):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
+    @cached_property
     def declared(self) -> tuple[list[Tool], Choice]:
-        """The tools and the choice; a bad definition is a 400 naming where."""
+        """The tools and the choice, checked once per request (check, grammar, settings and the handler all
+        ask); a bad definition is a 400 naming where."""
         try:
             tools = read_tools(self.tools)
             return tools, read_choice(self.tool_choice, tools)
@@ -166,13 +169,13 @@ class ChatCompletionRequest(Sampling):
             raise ServeError(str(e), 400) from None
 
     def check(self) -> None:
-        _, choice = self.declared()
-        if choice.forced and self.response_format is not None and self.response_format.type != "text":
+        _, choice = self.declared
+        if choice.forced and self.grammar_from_format():
             raise ServeError("tool_choice forces a call: response_format cannot shape the reply too", 400)
         super().check()  # the grammar too: the forcing one included
 
     def grammar(self) -> str | None:
-        tools, choice = self.declared()
+        tools, choice = self.declared
         if not choice.forced and (choice.mode == "auto" or self.grammar_from_format()):
             return super().grammar()
         try:
@@ -205,12 +208,12 @@ def router(driver: Driver, catalog: Catalog) -> APIRouter:
     async def chat(body: ChatCompletionRequest, request: Request):
         body.check()
         entry = await asyncio.to_thread(catalog.find, body.model)
-        tools, choice = body.declared()
+        tools, choice = body.declared
+        offered = tools if choice.mode != "none" else []  # "none": the model is not shown the tools
         job = Job(entry, body.template_messages(), None, body.settings(),
                   body.max_completion_tokens or body.max_tokens, body.stops(), asyncio.get_running_loop(),
-                  tools=[t.as_template() for t in tools] if choice.mode != "none" else None)
-        return await respond(driver, job, body, "chat.completion", request,
-                             tools if choice.mode != "none" else [], choice)
+                  tools=[t.as_template() for t in offered] or None)
+        return await respond(driver, job, body, "chat.completion", request, offered, choice)
 
     @r.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
