@@ -68,6 +68,8 @@ def cmake_args(flags: set[str], cuda: bool) -> list[str]:
         args.append(f"-D{option}={'ON' if flag in flags else 'OFF'}")
     if cuda:
         args.append("-DGGML_CUDA=ON")
+    # llama.cpp's RPC backend: `edgellm worker` serves it and `--rpc` places layers on workers
+    args.append("-DGGML_RPC=ON")
     args += ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
              "-DLLAMA_BUILD_SERVER=OFF"]
     return args

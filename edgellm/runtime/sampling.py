@@ -1,7 +1,7 @@
 """Sampling settings -> llama.cpp's native sampler chain (the sampling itself runs in C).
 
 One `Sampler` per reply. With no draft to verify, the chain picks the token (`sample`). To verify a
-drafted token by rejection sampling, the chain's filters (penalties, top-k, top-p, min-p, temperature:
+drafted token by rejection sampling, the chain's filters (top-k, top-p, min-p, temperature:
 every member but the last, which picks) run on a `llama_token_data_array` of the row's logits, and the
 target's probabilities are those of the few candidates left (`verify`). Nothing walks the whole
 vocabulary in Python on a token that is not verified.
@@ -16,6 +16,12 @@ candidate is refused), so a drafted token is verified against what plain decodin
 stays lossless. The grammar's apply only reads its state (llama_grammar_apply_impl takes it const); only
 accept advances it, so rows whose drafts are rejected leave no trace. Once the grammar is complete only
 end-of-generation tokens are left: the reply ends with the JSON.
+
+Penalties (repeat, frequency, presence) touch only the tokens of the last `repeat_last_n`, but llama.cpp's
+penalty sampler looks every candidate up in its table: the whole vocabulary on each row, about a millisecond
+on Qwen's 152k, per token and per sequence in a batch. So the window is kept here and the same arithmetic
+(float32, as llama-sampler.cpp) is applied to those few logits in the row, in place, for as long as the chain
+reads the row; then the row is put back as llama.cpp wrote it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from __future__ import annotations
 import ctypes
 import math
 import random
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import llama_cpp as C
@@ -96,11 +104,19 @@ class Sampler:
         """`vocab`: the model's llama_vocab pointer, which a grammar needs (its tokens' text)."""
         self.params, self.n_vocab = params, n_vocab
         self._chain = None
-        self.argmax_only = params.greedy and not params.penalized and params.grammar is None
+        self.argmax_only = params.greedy and params.grammar is None
         # greedy under a grammar: the grammar is asked about the argmax, then about the best logits of the row
         # (the whole vocabulary costs 4 ms on SmolLM2, 10 ms on Qwen's 152k): the first maximum among the tokens it
         # allows is the chain's choice too
-        self._greedy_grammar = params.greedy and not params.penalized and params.grammar is not None
+        self._greedy_grammar = params.greedy and params.grammar is not None
+        # the penalty window (llama.cpp's ring buffer and token counts); None: no penalty
+        self._recent: deque[int] | None = None
+        self._counts: Counter[int] = Counter()
+        if params.penalized and params.repeat_last_n > 0:
+            self._recent = deque(maxlen=params.repeat_last_n)
+            self._repeat = np.float32(params.repeat_penalty)
+            self._frequency = np.float32(params.frequency_penalty)
+            self._presence = np.float32(params.presence_penalty)
         self._grammar = None
         if params.grammar is not None:
             if vocab is None:
@@ -116,11 +132,6 @@ class Sampler:
         chain_params.no_perf = True
         self._chain = C.llama_sampler_chain_init(chain_params)
         add = lambda s: C.llama_sampler_chain_add(self._chain, s)  # noqa: E731
-        penalties = None
-        if params.penalized:
-            penalties = C.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty,
-                                                       params.frequency_penalty, params.presence_penalty)
-            add(penalties)
         if params.greedy:
             add(C.llama_sampler_init_greedy())
         else:
@@ -136,23 +147,53 @@ class Sampler:
                          for i in range(C.llama_sampler_chain_n(self._chain) - 1)]  # all but the picker
         self._data: np.ndarray | None = None  # the candidates' buffer, made on the first verification
         self.generated = 0
-        if penalties is not None:  # the penalty window starts with the prompt, as in llama.cpp (not the grammar)
+        if self._recent is not None:  # the penalty window starts with the prompt, as in llama.cpp (not the grammar)
             for token in history[-params.repeat_last_n:]:
-                C.llama_sampler_accept(penalties, token)
+                self._remember(token)
+
+    # -- the penalty window -------------------------------------------------------------------------
+    def _remember(self, token: int) -> None:
+        recent = self._recent
+        if recent is None:
+            return
+        if len(recent) == recent.maxlen:
+            old = recent[0]
+            self._counts[old] -= 1
+            if not self._counts[old]:
+                del self._counts[old]
+        recent.append(token)
+        self._counts[token] += 1
+
+    @contextmanager
+    def _penalized(self, row: np.ndarray) -> Iterator[None]:
+        """The row with the window's penalties applied (llama_sampler_penalties_apply's arithmetic), restored after."""
+        if not self._counts:
+            yield
+            return
+        ids = np.fromiter(self._counts.keys(), dtype=np.intp, count=len(self._counts))
+        counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+        saved = row[ids].copy()
+        logit = np.where(saved <= 0, saved * self._repeat, saved / self._repeat)
+        row[ids] = logit - (counts * self._frequency + np.float32(1.0) * self._presence)
+        try:
+            yield
+        finally:
+            row[ids] = saved
 
     # -- no draft: the chain picks ------------------------------------------------------------------
     def sample(self, ctx: ctypes.c_void_p, index: int = -1) -> int:
         row = logits_row(ctx, self.n_vocab, index)
-        if self.argmax_only:
-            token = int(row.argmax())
-        elif self._grammar is None:
-            token = C.llama_sampler_sample(self._chain, ctx, index)
-        else:
-            best = self._best_allowed(row) if self._greedy_grammar else None
-            token = best if best is not None else self._sample_allowed(row)
-            C.llama_sampler_accept(self._chain, token)  # as llama_sampler_sample would
-            C.llama_sampler_accept(self._grammar, token)  # the grammar moves on
-        self._check(row, token)
+        with self._penalized(row):
+            if self.argmax_only:
+                token = int(row.argmax())
+            elif self._grammar is None:
+                token = C.llama_sampler_sample(self._chain, ctx, index)
+            else:
+                best = self._best_allowed(row) if self._greedy_grammar else None
+                token = best if best is not None else self._sample_allowed(row)
+                C.llama_sampler_accept(self._grammar, token)  # the grammar moves on
+            self._check(row, token)
+        self._remember(token)
         return token
 
     def _full(self, row: np.ndarray, masked: bool) -> tuple[np.ndarray, C.llama_token_data_array]:
@@ -208,10 +249,9 @@ class Sampler:
 
     def accept(self, token: int) -> None:
         """A token taken without `sample` (a kept draft): the penalty window and the grammar move on."""
-        if not self.argmax_only:
-            C.llama_sampler_accept(self._chain, token)
         if self._grammar is not None:
             C.llama_sampler_accept(self._grammar, token)
+        self._remember(token)
         self.generated += 1
 
     def _check(self, row: np.ndarray, token: int) -> None:
@@ -226,6 +266,10 @@ class Sampler:
         Greedy: the single best token (after the penalty) with probability 1.
         """
         row = logits_row(ctx, self.n_vocab, index)
+        with self._penalized(row):
+            return self._candidates(row)
+
+    def _candidates(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         best = int(row.argmax()) if self.argmax_only else self._best_allowed(row) if self._greedy_grammar else None
         if best is not None:
             self._finite(row[best])
@@ -257,7 +301,7 @@ class Sampler:
             left = left[~np.isneginf(left["logit"])]
             if not left.size:
                 raise GrammarError(f"the grammar allows no token after {self.generated} token(s)")
-        if self.params.greedy:  # the penalty ran; the greedy picker's choice is the best left
+        if self.params.greedy:  # the greedy picker's choice is the best left
             best = int(left["id"][int(left["logit"].argmax())])
             self._finite(row[best])
             return np.array([best]), np.array([1.0])
