@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": ("bench", "measure prompt and decode speed (like llama-bench)"),
     "quantize": ("quantize", "convert a Hugging Face model folder to a low-bit GGUF"),
     "serve": ("serve", "serve OpenAI- and Ollama-compatible APIs on localhost"),
+    "worker": ("worker", "offer this machine's CPU/GPU to another edgellm (llama.cpp's RPC backend)"),
 }
 
 

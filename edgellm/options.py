@@ -35,6 +35,8 @@ class Flags:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     draft: str = "auto"
+    rpc: str | None = None  # None: $EDGELLM_RPC, if set
+    ram: str | None = None  # None: MemAvailable less a margin
 
     def namespace(self, **changes) -> argparse.Namespace:
         """These flags, with `changes`, as the parser would give them (the model path as a string)."""
@@ -63,6 +65,32 @@ def add_model_arguments(p: argparse.ArgumentParser, positional: bool = True) -> 
     p.add_argument("--mmap", action="store_true", default=FLAGS.mmap,
                    help="memory-map the weights (default: read them; mmap keeps the file's pages beside the "
                         "repacked copy)")
+    add_rpc_arguments(p)
+
+
+def add_rpc_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc", default=FLAGS.rpc, metavar="HOST:PORT[,HOST:PORT]",
+                   help="llama.cpp RPC workers (`edgellm worker`) for the layers that do not fit here; -ngl N puts N "
+                        "layers there (default: $EDGELLM_RPC)")
+    p.add_argument("--ram", default=FLAGS.ram, help="host memory to plan for, e.g. 8G (default: MemAvailable less "
+                   "a margin)")
+
+
+def rpc_endpoints(a: argparse.Namespace) -> tuple[str, ...]:
+    """--rpc, else $EDGELLM_RPC: the workers, checked as text (reachability is checked before loading)."""
+    import os
+
+    from edgellm.runtime.rpc import parse_endpoints
+
+    text = getattr(a, "rpc", None) or os.environ.get("EDGELLM_RPC", "").strip()
+    return tuple(str(e) for e in parse_endpoints(text)) if text else ()
+
+
+def ram_budget(a: argparse.Namespace) -> int | None:
+    from edgellm.memory.plan import parse_size
+
+    text = getattr(a, "ram", None)
+    return parse_size(text) if text else None
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,7 +116,7 @@ def load_options(a: argparse.Namespace) -> LoadOptions:
     tree = getattr(a, "draft", "off") == "tree"  # token trees: one sequence per branch, shared cells
     return LoadOptions(n_ctx=a.ctx, n_threads=a.threads, n_batch=a.batch, n_gpu_layers=a.gpu_layers or 0,
                        type_k=a.kv_type or "f16", type_v=a.kv_type or "f16", n_seq_max=4 if tree else 1,
-                       kv_unified=tree, use_mmap=a.mmap)
+                       kv_unified=tree, use_mmap=a.mmap, rpc=rpc_endpoints(a))
 
 
 LOOKUP_DRAFTS = ("off", "ngram", "edit", "lookup", "tree")  # --draft values that load no draft model
@@ -185,12 +213,13 @@ def planned_load(a: argparse.Namespace, info: ModelInfo, parallel: int = 1) -> P
     check_size(info.path)  # a recorded model that changed size is refused before llama.cpp reads it
     spec = getattr(a, "draft", "off")
     choice = choose_draft(info, spec, a.ctx, a.threads, a.gpu_layers)
+    rpc = rpc_endpoints(a)
     request = PlanRequest(n_ctx=a.ctx, parallel=parallel, kv_type=a.kv_type, draft=choice.path,
                           speculative=spec != "off", tree=spec == "tree", n_gpu_layers=a.gpu_layers,
-                          n_batch=a.batch)
+                          n_batch=a.batch, ram=ram_budget(a), rpc=rpc)
     plan = make_plan(info, request)
     plan.draft_reason = choice.reason
-    extra = {"n_batch": a.batch, "n_threads": a.threads, "use_mmap": a.mmap}
+    extra = {"n_batch": a.batch, "n_threads": a.threads, "use_mmap": a.mmap, "rpc": rpc}
     options = plan.load_options(**extra)
     if plan.draft is not None:
         spec = str(plan.draft.info.path)

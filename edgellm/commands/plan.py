@@ -7,7 +7,7 @@ import json
 
 from edgellm.memory.plan import PlanRequest, make_plan, parse_size
 from edgellm.models import default_model, resolve
-from edgellm.options import choose_draft
+from edgellm.options import add_rpc_arguments, choose_draft, ram_budget, rpc_endpoints
 from edgellm.runtime.probe import KV_TYPES
 
 
@@ -21,8 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-type", choices=KV_TYPES, default=None, help="KV cache type (default: f16, "
                    "q8_0 then q4_0 when it does not fit)")
     p.add_argument("-ngl", "--gpu-layers", type=int, default=None, help="layers on the GPU (default: what fits)")
-    p.add_argument("--ram", default=None, help="host memory to plan for, e.g. 8G (default: MemAvailable "
-                   "less a margin)")
+    add_rpc_arguments(p)  # --rpc and --ram
     p.add_argument("--vram", default=None, help="GPU memory to plan for, e.g. 6G (default: the GPU's free memory)")
     p.add_argument("--estimate", action="store_true", help="from the GGUF header only (no llama.cpp dry run)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
@@ -35,8 +34,8 @@ def main(a: argparse.Namespace) -> int:
     choice = choose_draft(info, a.draft, a.ctx, None, a.gpu_layers)
     req = PlanRequest(n_ctx=a.ctx, parallel=a.parallel, kv_type=a.kv_type, draft=choice.path,
                       speculative=a.draft != "off", n_gpu_layers=a.gpu_layers,
-                      ram=parse_size(a.ram) if a.ram else None, vram=parse_size(a.vram) if a.vram else None,
-                      dry_run=not a.estimate)
+                      ram=ram_budget(a), vram=parse_size(a.vram) if a.vram else None,
+                      dry_run=not a.estimate, rpc=rpc_endpoints(a))
     plan = make_plan(info, req)
     plan.draft_reason = choice.reason
     print(json.dumps(plan.as_dict()) if a.json else plan.describe())

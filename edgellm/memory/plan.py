@@ -135,6 +135,8 @@ class PlanRequest:
     vram: int | None = None  # None: the GPU's free memory, 0 without one
     n_batch: int = 512
     dry_run: bool = True  # False: the header estimate only
+    # llama.cpp RPC workers (HOST:PORT): layers go there as to a GPU, after what fits locally (local first)
+    rpc: tuple[str, ...] = ()
 
 
 @dataclass
@@ -169,6 +171,7 @@ class Plan:
     vram_budget: int
     source: str  # "dry run" or "estimate"
     notes: list[str] = field(default_factory=list)
+    offload_to: str = "the GPU"  # where offloaded layers go: the GPU, or the RPC workers
     draft_reason: str = ""  # why a draft model is or is not in the plan (options.choose_draft)
 
     @property
@@ -213,7 +216,7 @@ class Plan:
             "ram_budget": self.ram_budget, "vram_budget": self.vram_budget,
             "kv_caches": [{"cells": c.cells, "layers": c.layers, "bytes": c.nbytes, "windowed": c.windowed}
                           for c in t.probe.kv],
-            "draft_reason": self.draft_reason, "notes": self.notes,
+            "draft_reason": self.draft_reason, "notes": self.notes, "offload_to": self.offload_to,
         }
 
     def describe(self) -> str:
@@ -235,12 +238,15 @@ class Plan:
             d = self.draft
             rows.append((f"draft {d.info.name}", d.host_bytes, d.vram_bytes))
         rows.append(("this process", self.base_bytes, 0))
+        remote = self.offload_to != "the GPU"
+        where = "workers" if remote else "GPU"
         for name, host, vram in rows:
-            lines.append(f"  {name:<38} {fmt(host):>10}" + (f"  GPU {fmt(vram):>10}" if vram else ""))
+            lines.append(f"  {name:<38} {fmt(host):>10}" + (f"  {where} {fmt(vram):>10}" if vram else ""))
         lines.append(f"  {'peak host memory':<38} {fmt(self.peak_bytes):>10}  of {fmt(self.ram_budget)} budget")
         if self.vram_budget:
-            lines.append(f"  {'GPU memory':<38} {fmt(self.vram_bytes):>10}  of {fmt(self.vram_budget)} budget; "
-                         f"{t.n_gpu_layers} of {t.info.n_layer + 1} layers on the GPU")
+            lines.append(f"  {'workers' + chr(39) + ' memory' if remote else 'GPU memory':<38} {fmt(self.vram_bytes):>10}"
+                         f"  of {fmt(self.vram_budget)} free; {t.n_gpu_layers} of {t.info.n_layer + 1} layers on "
+                         f"{self.offload_to}")
         lines += [f"  - {n}" for n in ([self.draft_reason] if self.draft_reason else []) + self.notes]
         return "\n".join(lines)
 
@@ -284,13 +290,26 @@ def _attempt(info: ModelInfo, draft: ModelInfo | None, req: PlanRequest, n_ctx: 
     target = Side(info, probe(info, shape))
     side_draft = None
     vram_left = vram
-    if draft is not None:  # the draft runs every step: it goes on the GPU first
+    if draft is not None:  # the draft runs every step: it goes on the GPU first (it stays here, not on workers)
         draft_shape = ContextShape(n_ctx=n_ctx, n_batch=req.n_batch, n_outputs=1)  # it drafts for one session
         side_draft = Side(draft, probe(draft, draft_shape))
-        vram_left = _offload(side_draft, vram_left, None)
-    if vram_left > 0:
+        if not req.rpc:
+            vram_left = _offload(side_draft, vram_left, None)
+    plan = Plan(target, side_draft, n_ctx, parallel, kv_type, shape.n_outputs, base, req.tree, ram, vram, source)
+    if req.rpc:
+        plan.offload_to = "the workers " + ", ".join(req.rpc)
+    if vram_left <= 0:
+        return plan
+    if not (req.rpc and req.n_gpu_layers is None):
         _offload(target, vram_left, req.n_gpu_layers)
-    return Plan(target, side_draft, n_ctx, parallel, kv_type, shape.n_outputs, base, req.tree, ram, vram, source)
+        return plan
+    # workers are further away than this machine's memory: the fewest layers there that let the rest fit here
+    for n in range(info.n_layer + 2):
+        target.n_gpu_layers = target.vram_bytes = target.weights_vram = target.kv_vram = 0
+        _offload(target, vram_left, n)
+        if plan.fits or target.n_gpu_layers < n:  # it fits, or the workers hold no more
+            break
+    return plan
 
 
 def make_plan(model: ModelInfo | str | Path, req: PlanRequest | None = None) -> Plan:
@@ -311,6 +330,10 @@ def make_plan(model: ModelInfo | str | Path, req: PlanRequest | None = None) -> 
                            f"use --ctx {train} or less")
     ram = req.ram if req.ram is not None else default_ram_budget()
     vram = req.vram if req.vram is not None else gpu_free_bytes()
+    if req.rpc and req.vram is None:  # each worker's free memory, read before anything is loaded
+        from edgellm.runtime.rpc import check, parse_endpoints
+
+        vram = sum(d.free for e in parse_endpoints(",".join(req.rpc)) for d in check(e))
     base = process_base()
     source = "dry run" if req.dry_run else "estimate"
     kv_types = [req.kv_type] if req.kv_type else list(KV_LADDER)
@@ -354,7 +377,8 @@ def make_plan(model: ModelInfo | str | Path, req: PlanRequest | None = None) -> 
                     plan.notes = notes
                     return plan
     smallest = attempt(None, contexts[-1], 1, kv_types[-1])
-    gpu = f" and {fmt(smallest.vram_bytes)} of {fmt(vram)} GPU memory" if vram else ""
+    where = "free on the workers" if req.rpc else "GPU memory"
+    gpu = f" and {fmt(smallest.vram_bytes)} of {fmt(vram)} {where}" if vram else ""
     raise EdgeLLMError(f"{info.name} does not fit: it needs {fmt(first.peak_bytes)} of memory "
                        f"(at least {fmt(smallest.peak_bytes)} with {contexts[-1]} tokens, KV {kv_types[-1]}){gpu}, "
                        f"and {fmt(ram)} is available for it")

@@ -56,6 +56,7 @@ class LoadOptions:
     # peak RSS 1,949 MiB instead of 1,353, at the same prefill and decode speed (README).
     use_mmap: bool = False
     eval_callback: object = None  # a ggml_backend_sched_eval_callback (the importance matrix uses one)
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC workers (HOST:PORT) that n_gpu_layers go to
 
 
 def context_shape(options: LoadOptions, n_ctx: int) -> ContextShape:
@@ -87,7 +88,8 @@ class Engine:
         self.n_threads = options.n_threads or default_threads()
         self._lock = threading.Lock()
         self._owns_model = not isinstance(path, Model)
-        self.weights = path if isinstance(path, Model) else Model(info, options.n_gpu_layers, options.use_mmap)
+        self.weights = path if isinstance(path, Model) else Model(info, options.n_gpu_layers, options.use_mmap,
+                                                                         options.rpc)
         self.info, self.path = info, info.path
         self.vocab, self.n_vocab = self.weights.vocab, self.weights.n_vocab
 

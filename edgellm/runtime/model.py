@@ -17,7 +17,9 @@ from edgellm.tools.prompt import prepare as prepare_tools
 
 
 class Model:
-    def __init__(self, path: str | Path | ModelInfo, n_gpu_layers: int = 0, use_mmap: bool = False) -> None:
+    def __init__(self, path: str | Path | ModelInfo, n_gpu_layers: int = 0, use_mmap: bool = False,
+                 rpc: Sequence[str] = ()) -> None:
+        """`rpc`: llama.cpp RPC workers (HOST:PORT); the n_gpu_layers go to their devices, each checked first."""
         self.info: ModelInfo = path if isinstance(path, ModelInfo) else read_info(path)  # validated before C
         self.path = self.info.path
         self.n_gpu_layers = n_gpu_layers
@@ -27,6 +29,13 @@ class Model:
         # NONE reads the weights into memory: with mmap the file's pages stay resident beside the CPU
         # backend's repacked copy of Q4_0/Q4_K/Q5_K/Q6_K/Q8_0 weights (README "Memory")
         mparams.load_mode = C.LLAMA_LOAD_MODE_MMAP if use_mmap else C.LLAMA_LOAD_MODE_NONE
+        self._devices = None
+        if rpc:
+            from edgellm.runtime.rpc import devices_of, parse_endpoints
+
+            handles = devices_of(parse_endpoints(",".join(rpc)))
+            self._devices = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)  # NULL-terminated
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         self.ptr = C.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.ptr:
             why = backend.last_error.split(": ", 1)[-1] or "unsupported or corrupt"

@@ -23,6 +23,8 @@ def free_port() -> int:
 class ServerProcess:
     """`edgellm serve ARGS --port P` in a subprocess; `start` returns once it says it is serving."""
 
+    command, ready = "serve", "edgellm: serving on"
+
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.args = [*args, "--port", str(self.port)]
@@ -37,10 +39,11 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "serve", *self.args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=self.env, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgellm.cli", self.command, *self.args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
+                                     stdin=subprocess.DEVNULL)
         threading.Thread(target=self._read, daemon=True).start()  # drained always: a full pipe would block it
-        self.wait_for("edgellm: serving on", START_TIMEOUT_S)
+        self.wait_for(self.ready, START_TIMEOUT_S)
         return self
 
     def _read(self) -> None:
@@ -86,6 +89,16 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class WorkerProcess(ServerProcess):
+    """`edgellm worker ARGS --port P`: llama.cpp's RPC server on a free loopback port."""
+
+    command, ready = "worker", "edgellm: worker on"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
 
 def swap_leftovers(tmp: Path) -> list[Path]:

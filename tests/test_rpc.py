@@ -1,0 +1,96 @@
+"""llama.cpp's RPC backend: `edgellm worker` processes on loopback, and models split across them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+
+import pytest
+
+from edgellm.runtime.rpc import Endpoint, RpcError, check, parse_endpoints
+from tests.support.server import WorkerProcess, free_port
+from tests.test_cli import assert_one_line_error
+
+PROMPT = ("run", "smollm2-135m", "Name three colors.", "--temp", "0", "-n", "32", "--json")
+
+
+@pytest.fixture
+def worker(tmp_path):
+    with WorkerProcess("--cache", str(tmp_path / "rpc-cache")) as w:
+        yield w
+
+
+def text_of(result) -> str:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])["text"]
+
+
+def test_worker_says_where_it_is_and_what_it_offers_then_stops_cleanly(tmp_path):
+    w = WorkerProcess("--cache", str(tmp_path / "rpc-cache")).start()
+    assert f"use it with --rpc {w.endpoint}" in w.wait_for("edgellm: worker on", 5)
+    assert "MiB free of" in w.wait_for("edgellm: worker device CPU", 5)
+    (device,) = check(Endpoint("127.0.0.1", w.port))  # the handshake and memory, in llama.cpp's protocol
+    assert 0 < device.free <= device.total
+    assert w.stop(signal.SIGTERM) == 0
+    assert "edgellm: worker stopped" in "".join(w.output)
+
+
+def test_worker_binds_loopback_unless_allowed(cli):
+    result = cli("worker", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert_one_line_error(result, "--allow-remote")
+
+
+@pytest.mark.parametrize("text, why", [("localhost", "HOST:PORT"), ("a:0", "HOST:PORT"), ("a:99999", "HOST:PORT"),
+                                       ("a:1,a:1", "named twice"), (":80", "HOST:PORT")])
+def test_bad_endpoints_are_refused_before_connecting(text: str, why: str):
+    with pytest.raises(RpcError, match=why):
+        parse_endpoints(text)
+
+
+def test_a_socket_that_is_not_a_worker_is_refused_without_a_hang():
+    """A listener that never answers the handshake (what a busy worker looks like) times out in one line."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        accepted: list[socket.socket] = []
+        threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True).start()
+        with pytest.raises(RpcError, match="did not answer"):
+            check(Endpoint("127.0.0.1", port), timeout=1.0)
+        for conn in accepted:
+            conn.close()
+
+
+def test_greedy_text_split_across_a_worker_equals_the_local_run(cli, worker):
+    local = text_of(cli(*PROMPT))
+    split = cli(*PROMPT, "--rpc", worker.endpoint, "-ngl", "12")
+    assert text_of(split) == local
+    assert "Accepted" not in split.stderr  # llama.cpp's RPC lines stay out of the user's terminal
+
+
+def test_two_workers_share_the_layers(cli, tmp_path):
+    with WorkerProcess("--cache", "off") as a, WorkerProcess("--cache", "off") as b:
+        endpoints = f"{a.endpoint},{b.endpoint}"
+        plan = cli("plan", "smollm2-135m", "--rpc", endpoints, "-ngl", "20")
+        assert plan.returncode == 0, plan.stderr
+        assert f"20 of 31 layers on the workers {a.endpoint}, {b.endpoint}" in plan.stdout
+        assert text_of(cli(*PROMPT, "--rpc", endpoints, "-ngl", "20")) == text_of(cli(*PROMPT))
+
+
+def test_a_model_over_the_local_budget_runs_across_a_worker_and_is_refused_without_it(cli, worker):
+    budget = ("--ram", "190M")  # SmolLM2 at 4096 tokens plans ~230 MiB here
+    alone = cli("plan", "smollm2-135m", *budget)
+    assert_one_line_error(alone, "does not fit")
+    plan = json.loads(cli("plan", "smollm2-135m", *budget, "--rpc", worker.endpoint, "--json").stdout)
+    assert plan["fits"] and 0 < plan["n_gpu_layers"] < 31  # local first: only what does not fit goes there
+    assert text_of(cli(*PROMPT, *budget, "--rpc", worker.endpoint)) == text_of(cli(*PROMPT))
+    port = worker.port
+    worker.stop()
+    gone = cli(*PROMPT, *budget, "--rpc", f"127.0.0.1:{port}")
+    assert_one_line_error(gone, f"worker 127.0.0.1:{port} is unreachable")
+
+
+def test_an_unreachable_worker_is_named_in_one_line(cli):
+    port = free_port()
+    assert_one_line_error(cli(*PROMPT, "--rpc", f"127.0.0.1:{port}", "-ngl", "4"), f"127.0.0.1:{port}", "unreachable")
+    assert_one_line_error(cli(*PROMPT, "-ngl", "4", env={"EDGELLM_RPC": f"127.0.0.1:{port}"}), "unreachable")
