@@ -20,7 +20,8 @@ CLEARED_PREFIXES = ("HF_", "HUGGINGFACE_", "TEXTUAL_")  # the hub client (offlin
 CLEARED = ("HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE", "DISABLE_TELEMETRY", "DO_NOT_TRACK",  # huggingface-hub
            "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",  # hub_reachable
            "NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES", "TTY_COMPATIBLE", "TTY_INTERACTIVE",  # rich's output
-           "EDGELLM_VERBOSE", "EDGELLM_SMOKE_SIGNAL")  # llama.cpp's log on stderr; a fault injected on purpose
+           "EDGELLM_VERBOSE", "EDGELLM_SMOKE_SIGNAL",  # llama.cpp's log on stderr; a fault injected on purpose
+           "EDGELLM_RPC")  # workers a user named for their own runs
 KEPT = ("TEXTUAL_SNAPSHOT_TEMPDIR",)  # pytest-textual-snapshot's own, set at the session's start for its report
 
 
