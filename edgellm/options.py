@@ -82,8 +82,10 @@ def rpc_endpoints(a: argparse.Namespace) -> tuple[str, ...]:
 
     from edgellm.runtime.rpc import parse_endpoints
 
-    text = getattr(a, "rpc", None) or os.environ.get("EDGELLM_RPC", "").strip()
-    return tuple(str(e) for e in parse_endpoints(text)) if text else ()
+    text = getattr(a, "rpc", None)
+    if text is None:
+        text = os.environ.get("EDGELLM_RPC", "")
+    return tuple(str(e) for e in parse_endpoints(text)) if text.strip() else ()
 
 
 def ram_budget(a: argparse.Namespace) -> int | None:

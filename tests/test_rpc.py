@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -94,3 +96,41 @@ def test_an_unreachable_worker_is_named_in_one_line(cli):
     port = free_port()
     assert_one_line_error(cli(*PROMPT, "--rpc", f"127.0.0.1:{port}", "-ngl", "4"), f"127.0.0.1:{port}", "unreachable")
     assert_one_line_error(cli(*PROMPT, "-ngl", "4", env={"EDGELLM_RPC": f"127.0.0.1:{port}"}), "unreachable")
+
+
+LONG = ("run", "smollm2-135m", "Write a long story about a lighthouse keeper and the sea.", "--temp", "0", "-n", "160")
+
+
+def test_a_worker_killed_mid_reply_costs_a_pause_not_the_reply(cli, tmp_path):
+    local = cli(*LONG)
+    assert local.returncode == 0, local.stderr
+    with WorkerProcess("--cache", "off") as w:
+        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *LONG, "--rpc", w.endpoint, "-ngl", "20"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert run.stdout is not None
+        first = run.stdout.read1(4096)  # the reply has begun on the worker
+        assert first
+        w.stop(signal.SIGKILL)
+        rest, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err.decode()
+    assert (first + rest).decode() == local.stdout  # the same greedy text, whole
+    notes = [line for line in err.decode().splitlines() if "went away" in line]
+    assert len(notes) == 1 and f"worker {w.endpoint} went away after" in notes[0] and "here alone" in notes[0]
+    assert "Traceback" not in err.decode()
+
+
+def test_when_the_rest_no_longer_fits_the_reply_ends_in_one_line_and_keeps_its_text(cli):
+    local = cli(*LONG)
+    with WorkerProcess("--cache", "off") as w:
+        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *LONG, "--rpc", w.endpoint, "--ram", "190M"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert run.stdout is not None
+        first = run.stdout.read1(4096)
+        assert first
+        w.stop(signal.SIGKILL)
+        rest, err = run.communicate(timeout=300)
+    assert run.returncode == 1
+    kept = (first + rest).decode()
+    assert kept.strip() and local.stdout.startswith(kept.rstrip("\n"))  # the text so far, as the local run has it
+    (line,) = err.decode().strip().splitlines()
+    assert f"worker {w.endpoint} went away" in line and "does not fit" in line

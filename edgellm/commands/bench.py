@@ -43,6 +43,7 @@ def run_pp(engine: Engine, n: int, rng: random.Random) -> float:
     engine.reset()
     t0 = time.perf_counter()
     engine.decode(tokens)
+    engine.synchronize()
     return n / (time.perf_counter() - t0)
 
 
@@ -52,6 +53,7 @@ def run_tg(engine: Engine, n: int, rng: random.Random) -> float:
     t0 = time.perf_counter()
     for token in tokens:
         engine.decode([token])
+    engine.synchronize()
     return n / (time.perf_counter() - t0)
 
 

@@ -78,10 +78,12 @@ def main(a: argparse.Namespace) -> int:
     planned = planned_load(a, info)
     for note in planned.plan.notes:
         print(f"edgellm: {note}", file=sys.stderr)
+    sampling = defaults.sampling if structured is None else replace(defaults.sampling, grammar=structured)
+    if planned.options.rpc and planned.options.n_gpu_layers:
+        return run_split(a, prompt, planned, sampling, defaults, structured is not None)
     engine = planned.load()
     speculator = make_speculator(engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers,
                                  watch=default_watch())
-    sampling = defaults.sampling if structured is None else replace(defaults.sampling, grammar=structured)
     kwargs = {"sampling": sampling, "max_tokens": a.max_tokens, "speculator": speculator}
     if a.raw:
         records = engine.generate(engine.tokenize(prompt), stop=a.stop, **kwargs)
@@ -91,9 +93,38 @@ def main(a: argparse.Namespace) -> int:
                   "and the reply stops at its markers; --raw completes the text as it is", file=sys.stderr)
         system = [{"role": "system", "content": defaults.system}] if defaults.system else []
         records = engine.chat([*system, {"role": "user", "content": prompt}], stop=a.stop, **kwargs)
+    code = report(a, records, planned, defaults, engine.path, engine.is_chat_model, structured is not None)
+    if speculator is not None:
+        speculator.close()
+    process_manager().close()
+    return code
+
+
+def run_split(a: argparse.Namespace, prompt: str, planned, sampling, defaults, structured: bool) -> int:
+    """The model split across RPC workers, in a supervised child process (edgellm/remote): a worker that goes
+    away mid-reply costs a pause and a line on stderr, not the reply."""
+    from edgellm.remote import supervisor
+
+    def replan(workers: tuple[str, ...]):
+        return planned_load(argparse.Namespace(**{**vars(a), "rpc": ",".join(workers)}), planned.plan.target.info,
+                            ).options
+
+    info = planned.plan.target.info
+    if not a.raw and not info.chat_template:
+        print(f"edgellm: {info.name} has no chat template (a base model): the prompt goes in ChatML and the reply "
+              "stops at its markers; --raw completes the text as it is", file=sys.stderr)
+    system = [{"role": "system", "content": defaults.system}] if defaults.system else []
+    what = {"text": prompt} if a.raw else {"messages": [*system, {"role": "user", "content": prompt}]}
+    records = supervisor.generate(str(planned.path), planned.options, sampling, what, a.max_tokens, a.stop,
+                                  planned.draft, replan)
+    return report(a, records, planned, defaults, planned.path, bool(info.chat_template), structured)
+
+
+def report(a: argparse.Namespace, records, planned, defaults, path, chat_template: bool, structured: bool) -> int:
+    """Print the reply as it streams (or one JSON object), and why it ended; the exit code."""
     text, record = [], None
     for record in records:
-        if record.event:  # memory pressure: what was given up, beside the text
+        if record.event:  # memory pressure, a worker gone: what happened, beside the text
             print(f"edgellm: {record.event}", file=sys.stderr)
         if a.json:
             text.append(record.text)
@@ -102,20 +133,19 @@ def main(a: argparse.Namespace) -> int:
             sys.stdout.flush()
     assert record is not None
     if a.json:
-        out = {"model": str(engine.path), "text": "".join(text), "finish_reason": record.finish_reason,
+        out = {"model": str(path), "text": "".join(text), "finish_reason": record.finish_reason,
                "finish": record.finish_words,
                "stats": record.stats.as_dict(), "sampling": defaults.as_dict(),
-               "chat_template": engine.is_chat_model, "plan": planned.plan.as_dict()}
+               "chat_template": chat_template, "plan": planned.plan.as_dict()}
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
     # say why a reply ended early, as the TUI does; under a grammar only the end of the JSON is complete (a
     # pipeline must not take half of one: exit 1)
-    incomplete = structured is not None and record.finish_reason != "eog"
+    incomplete = structured and record.finish_reason != "eog"
+    if record.finish_reason == "error" and record.event:  # said above, in its one line
+        return 1
     if incomplete or (not a.json and record.finish_reason not in ("eog", "stop")):
         print(f"edgellm: {record.finish_words}" + (f" (-n {a.max_tokens})" if record.finish_reason == "length" else "")
               + (": the JSON is incomplete" if incomplete else ""), file=sys.stderr)
-    if speculator is not None:
-        speculator.close()
-    process_manager().close()
     return 1 if incomplete else 0

@@ -156,6 +156,11 @@ class Engine:
     def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         return self.weights.chat_tokens(messages, tools)
 
+    def synchronize(self) -> None:
+        """Wait for the last decode to finish. On RPC workers llama_decode returns once the graph is sent; reading
+        logits waits, so only a timing that reads none needs this (llama-bench calls it the same way)."""
+        C.llama_synchronize(self.ctx)
+
     def logits(self, index: int = -1) -> np.ndarray:
         """Output row `index` of the last decoded batch (-1: the last), as a numpy view."""
         return logits_row(self.ctx, self.n_vocab, index)
