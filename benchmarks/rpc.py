@@ -122,13 +122,13 @@ def our_load_s(model: Path, rpc: tuple[str, ...], threads: int) -> float:
 
 
 def llama_bytes_per_token(bench: Path, model: Path, rpc: tuple[str, ...], threads: int) -> float:
-    """(bytes of a -n 65 run - bytes of a -n 1 run) / 64: the load's bytes cancel."""
+    """(bytes of a -n 128 run - bytes of a -n 64 run) / 64: the load's and the warm-up's bytes cancel."""
     def run(n: int) -> int:
         before = lo_tx_bytes()
         subprocess.run([str(bench), "-m", str(model), "-p", "0", "-n", str(n), "-t", str(threads), "-r", "1",
                         "--rpc", ",".join(rpc), "-ngl", "99"], capture_output=True, check=True)
         return lo_tx_bytes() - before
-    return (run(65) - run(1)) / 64
+    return (run(128) - run(64)) / 64
 
 
 def llama_load_s(bench: Path, model: Path, rpc: tuple[str, ...], threads: int) -> float:

@@ -134,3 +134,27 @@ def test_when_the_rest_no_longer_fits_the_reply_ends_in_one_line_and_keeps_its_t
     assert kept.strip() and local.stdout.startswith(kept.rstrip("\n"))  # the text so far, as the local run has it
     (line,) = err.decode().strip().splitlines()
     assert f"worker {w.endpoint} went away" in line and "does not fit" in line
+
+
+def test_serve_answers_with_layers_on_a_worker(worker, tmp_path):
+    import openai
+
+    from tests.support.server import ServerProcess
+
+    def ask(server: ServerProcess) -> str:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="smollm2-135m", max_tokens=32, temperature=0,
+                                               messages=[{"role": "user", "content": "Name three colors."}])
+        return reply.choices[0].message.content
+
+    common = ("--model", "smollm2-135m", "--parallel", "1", "--ctx", "1024", "--draft", "off")
+    with ServerProcess(*common, env={"TMPDIR": str(tmp_path)}) as alone:
+        local = ask(alone)
+    with ServerProcess(*common, "--rpc", worker.endpoint, "-ngl", "12", env={"TMPDIR": str(tmp_path)}) as split:
+        assert ask(split) == local
+        assert ask(split) == local  # a second request on the same connection to the worker
+
+
+def test_serve_refuses_an_unreachable_worker_before_opening_its_port(cli):
+    port = free_port()
+    assert_one_line_error(cli("serve", "--rpc", f"127.0.0.1:{port}", "--port", str(free_port())), "unreachable")

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from edgellm.errors import EdgeLLMError
+from edgellm.options import add_rpc_arguments, ram_budget, rpc_endpoints
 from edgellm.server.catalog import Catalog
 from edgellm.server.driver import Driver, Settings
 
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow browser requests from ORIGIN")
+    add_rpc_arguments(p)  # --rpc, --ram
 
 
 def is_loopback(host: str) -> bool:
@@ -64,10 +66,17 @@ def main(a: argparse.Namespace) -> int:
         keep_alive = keep_alive_seconds(a.keep_alive)
     except EdgeLLMError as e:
         raise EdgeLLMError(f"--keep-alive: {e}") from e
+    ram_budget(a)  # a bad --ram, and each worker (reachable, a worker, free), refused before the port opens
+    workers = rpc_endpoints(a)
+    if workers:
+        from edgellm.runtime.rpc import free_memory, parse_endpoints
+
+        free_memory(parse_endpoints(",".join(workers)))
     catalog = Catalog()
     preload = [catalog.find(name) for name in a.model]  # an unknown model is refused before the port opens
     settings = Settings(parallel=a.parallel, ctx=a.ctx, threads=a.threads, gpu_layers=a.gpu_layers,
-                        draft=a.draft, keep_alive_s=keep_alive if keep_alive is not None else 300.0)
+                        draft=a.draft, keep_alive_s=keep_alive if keep_alive is not None else 300.0,
+                        rpc=",".join(workers), ram=a.ram)
     driver = Driver(settings)
 
     failures: list[str] = []

@@ -331,9 +331,9 @@ def make_plan(model: ModelInfo | str | Path, req: PlanRequest | None = None) -> 
     ram = req.ram if req.ram is not None else default_ram_budget()
     vram = req.vram if req.vram is not None else gpu_free_bytes()
     if req.rpc and req.vram is None:  # each worker's free memory, read before anything is loaded
-        from edgellm.runtime.rpc import check, parse_endpoints
+        from edgellm.runtime.rpc import free_memory, parse_endpoints
 
-        vram = sum(d.free for e in parse_endpoints(",".join(req.rpc)) for d in check(e))
+        vram = free_memory(parse_endpoints(",".join(req.rpc)))
     base = process_base()
     source = "dry run" if req.dry_run else "estimate"
     kv_types = [req.kv_type] if req.kv_type else list(KV_LADDER)

@@ -27,7 +27,10 @@ class Model:
         mparams = C.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         # NONE reads the weights into memory: with mmap the file's pages stay resident beside the CPU
-        # backend's repacked copy of Q4_0/Q4_K/Q5_K/Q6_K/Q8_0 weights (README "Memory")
+        # backend's repacked copy of Q4_0/Q4_K/Q5_K/Q6_K/Q8_0 weights (README "Memory"). With every layer on
+        # RPC workers nothing is repacked here, and mmap sends the file's pages as they are: the 1.5B onto a
+        # loopback worker in 1.65 s instead of 2.2-2.5 s (README "More than one machine")
+        use_mmap = use_mmap or bool(rpc and n_gpu_layers > self.info.n_layer)
         mparams.load_mode = C.LLAMA_LOAD_MODE_MMAP if use_mmap else C.LLAMA_LOAD_MODE_NONE
         self._devices = None
         if rpc:

@@ -146,18 +146,43 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
     return base, registry, rpc
 
 
+_connected: dict[Endpoint, list[int]] = {}  # workers llama.cpp holds a connection to in this process: their devices
+
+
 def devices_of(endpoints: list[Endpoint], timeout: float = 5.0) -> list[int]:
-    """llama.cpp's device handles for the workers' devices, each endpoint checked first (see the docstring)."""
+    """llama.cpp's device handles for the workers' devices, each endpoint checked first (see the docstring).
+
+    A worker this process already uses is not checked again: it serves one client at a time, and that client
+    is llama.cpp's connection in this process."""
     for endpoint in endpoints:
-        check(endpoint, timeout)
+        if endpoint not in _connected:
+            check(endpoint, timeout)
     base, _, rpc = _libs()
     handles: list[int] = []
     for endpoint in endpoints:
-        reg = rpc.ggml_backend_rpc_add_server(str(endpoint).encode())
-        if not reg:
-            raise RpcError(f"worker {endpoint} offers no device")
-        handles += [base.ggml_backend_reg_dev_get(reg, i) for i in range(base.ggml_backend_reg_dev_count(reg))]
+        if endpoint not in _connected:
+            reg = rpc.ggml_backend_rpc_add_server(str(endpoint).encode())
+            if not reg:
+                raise RpcError(f"worker {endpoint} offers no device")
+            _connected[endpoint] = [base.ggml_backend_reg_dev_get(reg, i)
+                                    for i in range(base.ggml_backend_reg_dev_count(reg))]
+        handles += _connected[endpoint]
     return handles
+
+
+def free_memory(endpoints: list[Endpoint], timeout: float = 5.0) -> int:
+    """The workers' free memory in bytes: over llama.cpp's connection where this process has one, else checked."""
+    total = 0
+    for endpoint in endpoints:
+        if endpoint in _connected:
+            base = _libs()[0]
+            for dev in _connected[endpoint]:
+                free, size = ctypes.c_size_t(), ctypes.c_size_t()
+                base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(size))
+                total += free.value
+        else:
+            total += sum(d.free for d in check(endpoint, timeout))
+    return total
 
 
 DEVICE_TYPE_CPU, DEVICE_TYPE_GPU, DEVICE_TYPE_ACCEL = 0, 1, 2  # ggml-backend.h enum ggml_backend_dev_type

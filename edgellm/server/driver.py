@@ -60,6 +60,8 @@ class Settings:
     kv_type: str | None = None
     draft: str = "auto"
     keep_alive_s: float = 300.0
+    rpc: str | None = None  # llama.cpp RPC workers, HOST:PORT[,HOST:PORT] (None: $EDGELLM_RPC)
+    ram: str | None = None  # host memory to plan for (None: MemAvailable less a margin)
 
 
 @dataclass(frozen=True)
@@ -297,7 +299,7 @@ class Driver:
     def _plan(self, key: tuple[Path, int | None], entry: Entry) -> Planned:
         s = self.settings
         flags = argparse.Namespace(ctx=key[1], threads=s.threads, gpu_layers=s.gpu_layers, batch=512,
-                                   kv_type=s.kv_type, mmap=False, draft=s.draft)
+                                   kv_type=s.kv_type, mmap=False, draft=s.draft, rpc=s.rpc, ram=s.ram)
         try:
             return planned_load(flags, entry.info, parallel=s.parallel or 4)
         except EdgeLLMError as e:
