@@ -180,15 +180,17 @@ def main() -> int:
         print(f"{n:<8} {o['pp']:>11.1f} {t['pp']:>9.1f} {o['pp'] / t['pp']:>6.3f} {o['tg']:>11.2f} {t['tg']:>9.2f} "
               f"{o['tg'] / t['tg']:>6.3f} {o['bytes'] if n else 0:>13.0f} {t_bytes:>12.0f}", flush=True)
 
-    print("load onto one worker (s): empty tensor cache, then warm")
-    for kind in ("edgellm", "llama"):
-        with tempfile.TemporaryDirectory() as cache:
-            times = []
-            for _ in range(2):  # a new worker each time, the same cache folder
-                with workers(kind, 1, a.threads, Path(cache)) as eps:
-                    times.append(our_load_s(model, eps, a.threads) if kind == "edgellm"
-                                 else llama_load_s(bench, model, eps, a.threads))
-        print(f"  {kind:<8} {times[0]:>7.2f} {times[1]:>7.2f}"
+    print(f"load onto one worker (s, medians of {a.reps}): empty tensor cache, then warm")
+    loads: dict[str, tuple[list[float], list[float]]] = {"edgellm": ([], []), "llama": ([], [])}
+    for _ in range(a.reps):
+        for kind in ("edgellm", "llama"):
+            with tempfile.TemporaryDirectory() as cache:
+                for warm in (0, 1):  # a new worker each time, the same cache folder
+                    with workers(kind, 1, a.threads, Path(cache)) as eps:
+                        loads[kind][warm].append(our_load_s(model, eps, a.threads) if kind == "edgellm"
+                                                 else llama_load_s(bench, model, eps, a.threads))
+    for kind, (cold, warm) in loads.items():
+        print(f"  {kind:<8} {statistics.median(cold):>7.2f} {statistics.median(warm):>7.2f}"
               + ("  (edgellm: the engine's load; llama: llama-bench's wall time)" if kind == "llama" else ""),
               flush=True)
 
