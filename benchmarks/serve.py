@@ -8,7 +8,8 @@ For each model and each N, rounds alternate (ABAB) between
 Each round starts the server on a free loopback port, waits until GET /v1/models answers, sends one
 unmeasured warm-up request, then N streaming chat completions at once through the `openai` client (greedy,
 a different short prompt per client, `--max-tokens` each), and stops the server. Per stream: the time to
-the first content token and the tokens/s after it; aggregate: completion tokens of all streams / the wall
+the first content token and the tokens/s after it (every stream runs to --max-tokens on both servers, with
+`ignore_eos`, unless --natural-length); aggregate: completion tokens of all streams / the wall
 time from the first request sent to the last stream done. Prints the medians over rounds of the TTFT p50
 and p95 (over the N streams), the per-stream tokens/s (median stream) and the aggregate tokens/s, and the
 ratios edgellm / llama-server. Goals: aggregate >= 1.0x at 4 and 8 clients; TTFT p95 <= 1.2x.
@@ -117,10 +118,17 @@ class Server:
                 self.proc.wait()
             except ProcessLookupError:
                 pass
-        self.log.unlink(missing_ok=True)
+        if self.proc.returncode in (0, -signal.SIGTERM):  # a crash keeps its log for a look
+            self.log.unlink(missing_ok=True)
+        else:
+            print(f"{self.kind} exited with {self.proc.returncode}; its log: {self.log}", file=sys.stderr)
 
 
 EDGELLM_EXTRA: list[str] = []  # --edgellm-arg
+# every stream runs to --max-tokens on both servers (llama-server's ignore_eos, which edgellm also takes): the
+# same work on both sides. Each side samples with its own defaults, so a stream that ends early on one
+# side only would make that side's total smaller (edgellm applies the model's repeat penalty; llama-server none)
+FIXED_LENGTH = True
 
 
 def server_command(kind: str, binary: Path | None, name: str, model: Path, n: int, port: int,
@@ -181,7 +189,7 @@ async def one_stream(client, model: str, prompt: str, max_tokens: int) -> Stream
     s = Stream(sent=time.perf_counter())
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True} if FIXED_LENGTH else None)
     async for chunk in stream:
         now = time.perf_counter()
         if chunk.usage is not None:
@@ -248,11 +256,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for both servers (default: physical cores, edgellm's default)")
     ap.add_argument("--only", choices=SERVERS, help="run only this server (no ratios)")
+    ap.add_argument("--natural-length", action="store_true",
+                    help="let each stream end where the model ends it (default: every stream runs to --max-tokens)")
     ap.add_argument("--start-timeout", type=float, default=180, help="seconds a server may take to answer")
     ap.add_argument("--edgellm-arg", action="append", default=[], metavar="ARG",
                     help="one more argument for edgellm serve (repeatable), e.g. --edgellm-arg=--draft --edgellm-arg=off")
     a = ap.parse_args()
     EDGELLM_EXTRA.extend(a.edgellm_arg)
+    global FIXED_LENGTH
+    FIXED_LENGTH = not a.natural_length
     kinds = [a.only] if a.only else list(SERVERS)
     binary = tool_paths("llama-server")[0] if "llama-server" in kinds else None
 

@@ -76,6 +76,9 @@ def test_two_workers_share_the_layers(cli, tmp_path):
         plan = cli("plan", "smollm2-135m", "--rpc", endpoints, "-ngl", "20")
         assert plan.returncode == 0, plan.stderr
         assert f"20 of 31 layers on the workers {a.endpoint}, {b.endpoint}" in plan.stdout
+        shares = json.loads(cli("plan", "smollm2-135m", "--rpc", endpoints, "-ngl", "20", "--json").stdout)["workers"]
+        assert [w["endpoint"] for w in shares] == [a.endpoint, b.endpoint]
+        assert sum(w["layers"] for w in shares) == 20 and all(w["layers"] > 0 for w in shares)
         assert text_of(cli(*PROMPT, "--rpc", endpoints, "-ngl", "20")) == text_of(cli(*PROMPT))
 
 

@@ -93,6 +93,10 @@ def test_completions_stop_strings_and_max_tokens(client):
     assert text.startswith(cut.choices[0].text) and len(cut.choices[0].text) < len(text)
     short = ask(client, "Write a long story about the sea.", max_tokens=5)
     assert short.usage.completion_tokens == 5 and short.choices[0].finish_reason == "length"
+    brief = ask(client, "Say yes.", max_tokens=64)
+    assert brief.choices[0].finish_reason == "stop" and brief.usage.completion_tokens < 64  # it ends by itself
+    past = ask(client, "Say yes.", max_tokens=64, extra_body={**GREEDY["extra_body"], "ignore_eos": True})
+    assert past.choices[0].finish_reason == "length" and past.usage.completion_tokens == 64  # llama-server's ignore_eos
 
 
 def test_the_same_seed_gives_the_same_text(client):

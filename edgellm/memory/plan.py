@@ -172,6 +172,15 @@ class Plan:
     source: str  # "dry run" or "estimate"
     notes: list[str] = field(default_factory=list)
     offload_to: str = "the GPU"  # where offloaded layers go: the GPU, or the RPC workers
+    workers: list[tuple[str, int]] = field(default_factory=list)  # (endpoint, free bytes) of each RPC worker
+
+    def worker_shares(self) -> list[dict]:
+        """Each worker's part of what is offloaded: llama.cpp splits the layers among RPC devices in proportion
+        to their free memory (its default tensor_split)."""
+        total = sum(free for _, free in self.workers) or 1
+        n, used = self.target.n_gpu_layers, self.target.vram_bytes
+        return [{"endpoint": e, "free_bytes": free, "layers": round(n * free / total),
+                 "bytes": round(used * free / total)} for e, free in self.workers]
     draft_reason: str = ""  # why a draft model is or is not in the plan (options.choose_draft)
 
     @property
@@ -217,6 +226,7 @@ class Plan:
             "kv_caches": [{"cells": c.cells, "layers": c.layers, "bytes": c.nbytes, "windowed": c.windowed}
                           for c in t.probe.kv],
             "draft_reason": self.draft_reason, "notes": self.notes, "offload_to": self.offload_to,
+            "workers": self.worker_shares(),
         }
 
     def describe(self) -> str:
@@ -247,6 +257,10 @@ class Plan:
             lines.append(f"  {'workers' + chr(39) + ' memory' if remote else 'GPU memory':<38} {fmt(self.vram_bytes):>10}"
                          f"  of {fmt(self.vram_budget)} free; {t.n_gpu_layers} of {t.info.n_layer + 1} layers on "
                          f"{self.offload_to}")
+            if len(self.workers) > 1:
+                for w in self.worker_shares():
+                    lines.append(f"    {w['endpoint']:<36} {fmt(w['bytes']):>10}  about {w['layers']} layers "
+                                 f"({fmt(w['free_bytes'])} free)")
         lines += [f"  - {n}" for n in ([self.draft_reason] if self.draft_reason else []) + self.notes]
         return "\n".join(lines)
 
@@ -330,10 +344,12 @@ def make_plan(model: ModelInfo | str | Path, req: PlanRequest | None = None) -> 
                            f"use --ctx {train} or less")
     ram = req.ram if req.ram is not None else default_ram_budget()
     vram = req.vram if req.vram is not None else gpu_free_bytes()
+    workers: list[tuple[str, int]] = []
     if req.rpc and req.vram is None:  # each worker's free memory, read before anything is loaded
         from edgellm.runtime.rpc import free_memory, parse_endpoints
 
-        vram = free_memory(parse_endpoints(",".join(req.rpc)))
+        workers = [(str(e), free_memory([e])) for e in parse_endpoints(",".join(req.rpc))]
+        vram = sum(free for _, free in workers)
     base = process_base()
     source = "dry run" if req.dry_run else "estimate"
     kv_types = [req.kv_type] if req.kv_type else list(KV_LADDER)
@@ -350,7 +366,9 @@ def make_plan(model: ModelInfo | str | Path, req: PlanRequest | None = None) -> 
         return probes[key]
 
     def attempt(d: ModelInfo | None, c: int, p: int, k: str) -> Plan:
-        return _attempt(info, d, req, c, p, k, ram, vram, base, source, probe)
+        plan = _attempt(info, d, req, c, p, k, ram, vram, base, source, probe)
+        plan.workers = workers
+        return plan
 
     first = attempt(draft, n_ctx, req.parallel, kv_types[0])
     if first.fits:

@@ -48,8 +48,11 @@ class Child:
         self.log: deque[str] = deque(maxlen=20)  # its stderr: llama.cpp's abort text, kept for the error line
         threading.Thread(target=self._drain, daemon=True).start()
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it died at once: its stdout ends, and the caller finds out why
+            pass
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None

@@ -259,7 +259,8 @@ class Driver:
                  and v is not None}
         sampling = replace(defaults.sampling, **extra)
         max_tokens = min(job.max_tokens or scheduler.cells, scheduler.cells)
-        request = scheduler.submit(tokens, sampling, max_tokens, stop=stop, cancel=job.cancel)
+        request = scheduler.submit(tokens, sampling, max_tokens, stop=stop, cancel=job.cancel,
+                                   ignore_eog=bool(job.sampling.get("ignore_eos")))
         served.jobs.append((job, request))
         served.last_used = time.monotonic()
         if job.keep_alive_s is not None:

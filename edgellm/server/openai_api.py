@@ -126,6 +126,7 @@ class Sampling(BaseModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(None, gt=0.0, le=100.0)
     response_format: ResponseFormat | None = None  # structured output: a grammar (runtime/grammar.py)
+    ignore_eos: bool = False  # llama-server's: go on past end-of-generation to max_tokens (benchmarks)
 
     def check(self) -> None:
         if self.n is not None and self.n > 1:
@@ -148,7 +149,7 @@ class Sampling(BaseModel):
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
                 "repeat_penalty": self.repeat_penalty, "seed": self.seed,
                 "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                "grammar": self.grammar()}
+                "grammar": self.grammar(), "ignore_eos": self.ignore_eos}
 
 
 class ChatCompletionRequest(Sampling):
