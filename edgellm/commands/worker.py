@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from edgellm.commands.serve import is_loopback
@@ -47,6 +48,24 @@ def cache_dir(arg: str | None) -> str | None:
     return str(path)
 
 
+def answering(endpoint: Endpoint, server: threading.Thread, timeout: float = 30.0) -> None:
+    """Wait until llama.cpp's server answers the protocol's handshake on `endpoint` (its thread binds the port
+    some time after it starts)."""
+    from edgellm.runtime.rpc import RpcError, check
+
+    local = Endpoint("127.0.0.1" if endpoint.host in ("0.0.0.0", "") else
+                     "::1" if endpoint.host == "::" else endpoint.host, endpoint.port)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check(local, timeout=5.0)
+            return
+        except RpcError:
+            if not server.is_alive() or time.monotonic() > deadline:
+                raise EdgeLLMError(f"llama.cpp's RPC server did not start on {endpoint}") from None
+            time.sleep(0.05)  # the thread is still binding: poll the port again
+
+
 def main(a: argparse.Namespace) -> int:
     from edgellm.runtime import rpc
     from edgellm.runtime.engine import default_threads
@@ -74,11 +93,6 @@ def main(a: argparse.Namespace) -> int:
     except OSError as e:
         raise EdgeLLMError(f"cannot listen on {endpoint}: {e.strerror or e}") from e
 
-    for _, name, free, total in devices:
-        print(f"edgellm: worker device {name}: {free // MIB} MiB free of {total // MIB} MiB", flush=True)
-    print(f"edgellm: worker on {endpoint} ({threads} threads, tensor cache {cache or 'off'}); "
-          f"use it with --rpc {endpoint}", flush=True)
-
     # llama.cpp's server loop never returns and holds no Python lock: it runs on a thread of its own, and
     # the main thread waits for Ctrl-C or SIGTERM, then ends the process (nothing of the server to flush)
     stop = threading.Event()
@@ -86,14 +100,18 @@ def main(a: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server = threading.Thread(target=rpc.serve, args=(endpoint, cache, threads, [d[0] for d in devices]),
                               name="rpc-server", daemon=True)
-    with open(os.devnull, "w") as quiet:  # its own banner and per-connection lines (on fd 1) stay quiet
-        saved = os.dup(1)
+    sys.stdout.flush()
+    console = os.fdopen(os.dup(1), "w", buffering=1)  # ours; fd 1 goes to /dev/null for llama.cpp's server,
+    with open(os.devnull, "w") as quiet:                # whose banner and per-connection lines stay quiet
         os.dup2(quiet.fileno(), 1)
     server.start()
+    answering(endpoint, server)  # say where it is only once it answers there
+    for _, name, free, total in devices:
+        print(f"edgellm: worker device {name}: {free // MIB} MiB free of {total // MIB} MiB", file=console)
+    print(f"edgellm: worker on {endpoint} ({threads} threads, tensor cache {cache or 'off'}); "
+          f"use it with --rpc {endpoint}", file=console)
     while not stop.wait(0.5):
         if not server.is_alive():
-            os.dup2(saved, 1)
             raise EdgeLLMError(f"llama.cpp's RPC server on {endpoint} stopped")
-    os.dup2(saved, 1)
-    print("edgellm: worker stopped", flush=True)
+    print("edgellm: worker stopped", file=console)
     os._exit(0)  # the server thread is inside llama.cpp's accept(): nothing to join
