@@ -12,6 +12,7 @@ keeps its text.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -43,8 +44,11 @@ class _Pieces:
 
 class Child:
     def __init__(self, request: dict[str, Any]) -> None:
+        # a lost worker makes llama.cpp abort the child: without GGML_NO_BACKTRACE its abort first attaches gdb
+        # (where installed) to print a backtrace, seconds before the parent can go on
         self.proc = subprocess.Popen([sys.executable, "-m", "edgellm.remote.child"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "GGML_NO_BACKTRACE": "1"})
         self.log: deque[str] = deque(maxlen=20)  # its stderr: llama.cpp's abort text, kept for the error line
         threading.Thread(target=self._drain, daemon=True).start()
         assert self.proc.stdin is not None
