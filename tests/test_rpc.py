@@ -30,12 +30,12 @@ def text_of(result) -> str:
 
 
 def test_worker_says_where_it_is_and_what_it_offers_then_stops_cleanly(tmp_path):
-    w = WorkerProcess("--cache", str(tmp_path / "rpc-cache")).start()
-    assert f"use it with --rpc {w.endpoint}" in w.wait_for("edgellm: worker on", 5)
-    assert "MiB free of" in w.wait_for("edgellm: worker device CPU", 5)
-    (device,) = check(Endpoint("127.0.0.1", w.port))  # the handshake and memory, in llama.cpp's protocol
-    assert 0 < device.free <= device.total
-    assert w.stop(signal.SIGTERM) == 0
+    with WorkerProcess("--cache", str(tmp_path / "rpc-cache")) as w:
+        assert f"use it with --rpc {w.endpoint}" in w.wait_for("edgellm: worker on", 5)
+        assert "MiB free of" in w.wait_for("edgellm: worker device CPU", 5)
+        (device,) = check(Endpoint("127.0.0.1", w.port))  # the handshake and memory, in llama.cpp's protocol
+        assert 0 < device.free <= device.total
+        assert w.stop(signal.SIGTERM) == 0
     assert "edgellm: worker stopped" in "".join(w.output)
 
 
