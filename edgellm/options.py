@@ -156,11 +156,19 @@ def choose_draft(target: ModelInfo, spec: str, n_ctx: int | None = None, n_threa
 def draft_pays(target: ModelInfo, draft: ModelInfo, n_threads: int, n_gpu_layers: int) -> tuple[bool, str]:
     """Whether a draft model could beat plain decoding on this machine, even drafting 95% right (policy.could_pay),
     from both models' cost curves (measured or refined here; else their priors, which are pessimistic)."""
-    from edgellm.speculative.costs import curve_for
+    from edgellm.speculative.costs import curve_for, prior_for
     from edgellm.speculative.policy import Policy
 
     curve = curve_for(target, n_threads, n_gpu_layers)
-    relative = curve_for(draft, n_threads, n_gpu_layers).t1 / curve.t1
+    draft_curve = curve_for(draft, n_threads, n_gpu_layers)
+    if draft_curve.prior:
+        # a draft costs memory (+44% RSS for the 0.5B beside the 1.5B): it is loaded only when its own speed here
+        # is measured. A prior guessed from its size against a target refined by real timings made a 0.5B look
+        # 0.23x of a 1.5B on a 2-core Xeon, and loaded it to draft a handful of tokens
+        return False, (f"its cost on this machine is not measured (`edgellm bench {draft.path} --cost-curve` "
+                       "measures it)")
+    # a target still on its prior is compared on the same footing (both from the file sizes)
+    relative = prior_for(draft).t1 / prior_for(target).t1 if curve.prior else draft_curve.t1 / curve.t1
     policy = Policy(curve)
     policy.observe_draft_cost("draft:new", relative * curve.t1)
     source = "prior" if curve.prior else "measured"

@@ -597,12 +597,16 @@ def test_auto_draft_is_a_local_model_with_the_same_vocabulary_loaded_only_where_
     assert find_draft(read_info(tiny)) is None  # nothing with its vocabulary is half its size
     with Engine(smollm2, LoadOptions(n_ctx=512)) as target:
         t1 = 0.006
-        for flat, loads in ((False, False), (True, True)):
+        # (the target's curve flat, the draft's own speed measured here, a draft loads)
+        for flat, measured, loads in ((True, False, False), (False, True, False), (True, True, True)):
             cost = (lambda n: 1 + 0.02 * (n - 1)) if flat else (lambda n: float(n))
             costs.save(target, costs.CostCurve({n: t1 * cost(n) for n in costs.SIZES}))
+            if measured:  # a draft whose speed here is unknown is never loaded, however the target's curve looks
+                with Engine(tiny, LoadOptions(n_ctx=64)) as draft:
+                    costs.save(draft, costs.CostCurve({n: 0.1 * t1 * cost(n) for n in costs.SIZES}))
             speculator = make_speculator(target, "auto")
             try:
-                assert (speculator.draft_engine is not None) == loads, flat
+                assert (speculator.draft_engine is not None) == loads, (flat, measured)
                 if loads:
                     assert speculator.draft_engine.path == tiny
             finally:
