@@ -40,7 +40,7 @@ def fmt(n: int | float) -> str:
 
 def parse_size(text: str) -> int:
     """'8G', '512M', '1.5GiB', '2000000000' -> bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not m:
         raise EdgeLLMError(f"cannot read {text!r} as a size; write it like 8G, 512M or 1.5GiB")
     return int(float(m[1]) * (1 << (10 * " kmgt".index(m[2] or " "))))

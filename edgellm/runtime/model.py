@@ -18,8 +18,9 @@ from edgellm.tools.prompt import prepare as prepare_tools
 
 class Model:
     def __init__(self, path: str | Path | ModelInfo, n_gpu_layers: int = 0, use_mmap: bool = False,
-                 rpc: Sequence[str] = ()) -> None:
-        """`rpc`: llama.cpp RPC workers (HOST:PORT); the n_gpu_layers go to their devices, each checked first."""
+                 rpc: Sequence[str] = (), vocab_only: bool = False) -> None:
+        """`rpc`: llama.cpp RPC workers (HOST:PORT); the n_gpu_layers go to their devices, each checked first.
+        `vocab_only`: the vocabulary and template without the weights (a split model's parent tokenizes)."""
         self.info: ModelInfo = path if isinstance(path, ModelInfo) else read_info(path)  # validated before C
         self.path = self.info.path
         self.n_gpu_layers = n_gpu_layers
@@ -32,6 +33,7 @@ class Model:
         # loopback worker in 1.65 s instead of 2.2-2.5 s (README "More than one machine")
         use_mmap = use_mmap or bool(rpc and n_gpu_layers > self.info.n_layer)
         mparams.load_mode = C.LLAMA_LOAD_MODE_MMAP if use_mmap else C.LLAMA_LOAD_MODE_NONE
+        mparams.vocab_only = vocab_only
         self._devices = None
         if rpc:
             from edgellm.runtime.rpc import devices_of, parse_endpoints
