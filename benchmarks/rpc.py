@@ -10,7 +10,8 @@ For the model (default Qwen2.5-Coder-1.5B), with 0 (local), 1 and 2 workers, in 
   (edgellm: the engine's load in-process; llama.cpp: llama-bench's wall time for `-p 0 -n 1`, which adds a
   process start and one token);
 - what the supervised child process costs per token: greedy replies of `--tokens` through
-  edgellm/remote (a child process, its tokens sent back as JSON lines) against the same engine in-process.
+  edgellm/remote (a child process with the scheduler, its tokens sent back as JSON lines) against the same
+  engine in-process.
 Prints the figures and the ratios edgellm / llama.cpp; goal: within 5%. Printed ratios, not timed tests.
 
     python benchmarks/rpc.py [--model qwen2.5-coder-1.5b] [--reps 3] [--threads 2] [--tokens 96]
@@ -37,7 +38,7 @@ from llama_tools import tool_paths
 
 from edgellm.commands.bench import run_pp, run_tg
 from edgellm.models import resolve
-from edgellm.remote import supervisor
+from edgellm.remote.split import SplitScheduler
 from edgellm.runtime.engine import Engine, LoadOptions
 from edgellm.runtime.rpc import Endpoint, RpcError, check
 from edgellm.runtime.sampling import SamplingParams
@@ -152,7 +153,9 @@ def child_cost(model: Path, threads: int, tokens: int, rounds: int) -> tuple[flo
             inside.append(last.stats.decode_tps)
         else:
             engine.close()  # one copy of the weights at a time, as a user has
-            *_, last = supervisor.generate(str(model), options, greedy, {"tokens": prompt}, tokens)
+            split = SplitScheduler(model, options)
+            *_, last = split.generate(prompt, sampling=greedy, max_tokens=tokens)
+            split.close()
             child.append(last.stats.decode_tps)
             engine = Engine(model, options)
     engine.close()

@@ -198,6 +198,21 @@ class Planned:
         """The engine, through the process's model manager (shared, budgeted; memory.manager)."""
         return self.acquire().engine
 
+    def replan(self, workers: tuple[str, ...]) -> LoadOptions:
+        """The load options planned again with only these RPC workers, the other flags as they were (a split
+        model goes on without a lost worker); EdgeLLMError when the rest does not fit."""
+        from edgellm.memory.plan import make_plan
+
+        plan = make_plan(self.plan.target.info, replace(self.request, rpc=tuple(workers)))
+        return plan.load_options(**{**self.extra, "rpc": tuple(workers)})
+
+    def load_split(self):
+        """A model with layers on RPC workers, held by a child process that a lost worker may end: the chat
+        goes on without it (remote/split.py)."""
+        from edgellm.remote.split import SplitEngine
+
+        return SplitEngine(self.path, self.options, self.replan)
+
     def acquire(self):
         """The manager's handle on the loaded model (memory.manager.Loaded): release it when done."""
         from edgellm.memory.manager import process_manager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -95,6 +96,17 @@ def test_a_model_over_the_local_budget_runs_across_a_worker_and_is_refused_witho
     assert_one_line_error(gone, f"worker 127.0.0.1:{port} is unreachable")
 
 
+def test_a_worker_offers_only_its_mem_and_clients_plan_with_it(cli):
+    with WorkerProcess("--cache", "off", "--mem", "1M") as w:
+        assert "worker device CPU: 1 MiB free of 1 MiB" in "".join(w.output)
+        (device,) = check(parse_endpoints(w.endpoint)[0])  # what the protocol tells every client
+        assert device.free == device.total == 1 << 20
+        refused = cli("plan", "smollm2-135m", "--ram", "190M", "--rpc", w.endpoint)
+        assert_one_line_error(refused, "does not fit", "of 1 MiB free on the workers")
+    assert_one_line_error(cli("worker", "--mem", "0"), "--mem must be at least 1M")
+    assert_one_line_error(cli("worker", "--mem", "1.2.3"), "cannot read '1.2.3' as a size")
+
+
 def test_an_unreachable_worker_is_named_in_one_line(cli):
     port = free_port()
     assert_one_line_error(cli(*PROMPT, "--rpc", f"127.0.0.1:{port}", "-ngl", "4"), f"127.0.0.1:{port}", "unreachable")
@@ -161,3 +173,99 @@ def test_serve_answers_with_layers_on_a_worker(worker, tmp_path):
 def test_serve_refuses_an_unreachable_worker_before_opening_its_port(cli):
     port = free_port()
     assert_one_line_error(cli("serve", "--rpc", f"127.0.0.1:{port}", "--port", str(free_port())), "unreachable")
+
+
+def test_a_served_stream_survives_its_worker_and_the_next_request_plans_without_it(tmp_path):
+    import openai
+
+    from tests.support.server import ServerProcess
+
+    story = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+
+    def stream(server: ServerProcess, on_first=None) -> tuple[str, list[str]]:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        text, notes = [], []
+        for chunk in client.chat.completions.create(model="smollm2-135m", max_tokens=160, temperature=0,
+                                                    messages=story, stream=True):
+            note = (chunk.model_extra or {}).get("x_edgellm", {}).get("event")
+            if note:
+                notes.append(note)
+            if chunk.choices and chunk.choices[0].delta.content:
+                text.append(chunk.choices[0].delta.content)
+                if on_first is not None and len(text) == 1:
+                    on_first()
+        return "".join(text), notes
+
+    common = ("--model", "smollm2-135m", "--parallel", "1", "--ctx", "1024", "--draft", "off")
+    with ServerProcess(*common, env={"TMPDIR": str(tmp_path)}) as alone:
+        local, _ = stream(alone)
+    assert len(local) > 200
+    with WorkerProcess("--cache", "off") as w, \
+            ServerProcess(*common, "--rpc", w.endpoint, "-ngl", "20", env={"TMPDIR": str(tmp_path)}) as split:
+        text, notes = stream(split, on_first=lambda: w.stop(signal.SIGKILL))
+        assert text == local  # the same greedy reply, whole
+        assert len(notes) == 1 and f"worker {w.endpoint} went away" in notes[0] and "here alone" in notes[0]
+        assert stream(split) == (local, [])  # the next request runs here, without asking the lost worker
+        log = "".join(split.output)
+        assert log.count("went away") == 1 and "Traceback" not in log
+
+
+def test_a_chat_goes_on_when_its_worker_goes_away(cli):
+    chat = ("chat", "--plain", "smollm2-135m", "--temp", "0", "-n", "160", "--draft", "off")
+    first, second = "Write a long story about a lighthouse keeper and the sea.", "Now give it a title."
+    local = cli(*chat, input=f"{first}\n{second}\n")
+    assert local.returncode == 0, local.stderr
+    with WorkerProcess("--cache", "off") as w:
+        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *chat, "--rpc", w.endpoint, "-ngl", "20"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert run.stdin is not None and run.stdout is not None
+        run.stdin.write(f"{first}\n".encode())
+        run.stdin.flush()
+        begun = run.stdout.read1(4096)  # the first reply has begun on the worker
+        assert begun
+        w.stop(signal.SIGKILL)
+        rest, err = run.communicate(f"{second}\n".encode(), timeout=300)
+    assert run.returncode == 0, err.decode()
+    assert (begun + rest).decode() == local.stdout  # both replies, as the local chat gave them
+    notes = [line for line in err.decode().splitlines() if "went away" in line]
+    assert len(notes) == 1 and f"worker {w.endpoint} went away" in notes[0] and "here alone" in notes[0]
+    assert "Traceback" not in err.decode()
+
+
+async def test_the_chat_app_goes_on_when_its_worker_goes_away(engine, tmp_path):
+    """The Textual chat over a split model (its child holds it): the worker killed mid-reply, the bubble
+    ends with the whole greedy reply and the status line keeps the note."""
+    from edgellm.options import FLAGS, planned_load
+    from edgellm.runtime.backend import llama_thread
+    from edgellm.runtime.sampling import SamplingParams
+    from edgellm.session import ChatSession
+    from edgellm.tui.app import ChatApp
+    from edgellm.tui.history import History
+    from edgellm.tui.widgets import Bubble, PromptArea, StatusBar
+
+    story = "Write a long story about a lighthouse keeper and the sea."
+    greedy = SamplingParams.greedy_params()
+    engine.reset()
+    local = "".join(r.text for r in engine.chat([{"role": "user", "content": story}], sampling=greedy,
+                                                max_tokens=160))
+    with WorkerProcess("--cache", "off") as w:
+        flags = FLAGS.namespace(model=str(engine.info.path), rpc=w.endpoint, gpu_layers=20, ctx=1024, draft="off")
+        planned = planned_load(flags, engine.info)
+        split = await asyncio.wrap_future(llama_thread().submit(planned.load_split))
+        session = ChatSession(split, greedy, max_tokens=160)
+        app = ChatApp(session, history=History(tmp_path / "history.sqlite"))
+        async with app.run_test(size=(100, 40)) as pilot:
+            app.query_one(PromptArea).text = story
+            app.query_one(PromptArea).focus()
+            await pilot.press("enter")
+            deadline = asyncio.get_running_loop().time() + 60
+            while not list(app.query(Bubble))[-1].plain.strip():  # the reply has begun on the worker
+                assert asyncio.get_running_loop().time() < deadline, "no reply began"
+                await pilot.pause(0.05)
+            w.stop(signal.SIGKILL)
+            await app.chat.reply_done(timeout=120)
+            await pilot.pause()
+            assert session.messages[-1] == {"role": "assistant", "content": local}  # the whole greedy reply
+            assert list(app.query(Bubble))[-1].plain == local
+            assert f"worker {w.endpoint} went away" in app.query_one(StatusBar).line
+        await asyncio.wrap_future(llama_thread().submit(split.close))

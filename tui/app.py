@@ -30,6 +30,7 @@ from edgellm.memory.pressure import default_watch
 from edgellm.model_defaults import Defaults
 from edgellm.models import BETTER_MODEL_PULL
 from edgellm.options import FLAGS, LOOKUP_DRAFTS, Planned, planned_chat
+from edgellm.remote.split import SplitEngine
 from edgellm.runtime import kvfile
 from edgellm.runtime.backend import favour_this_thread, llama_thread
 from edgellm.runtime.engine import Engine, LoadOptions
@@ -148,6 +149,8 @@ class ChatApp(App[int]):
         """(llama thread) The engine and its speculator; a speculator that fails gives the model back."""
         held = loader()
         engine = held.engine if isinstance(held, Loaded) else held
+        if isinstance(engine, SplitEngine):
+            return held, None  # its child drafts by lookup where that pays
         try:
             speculator = make_speculator(engine, draft, draft_gpu_layers=draft_gpu_layers, watch=default_watch())
         except BaseException:
@@ -189,6 +192,8 @@ class ChatApp(App[int]):
         """`edgellm chat`'s choices: load this model with this plan and these sampling defaults."""
         self._loader = functools.partial(self.manager.acquire, planned.path, planned.request, plan=planned.plan,
                                          **planned.extra)
+        if planned.options.rpc:  # held by a child process: a lost worker costs a pause, not the conversation
+            self._loader = planned.load_split
         self._draft_gpu_layers = planned.draft_gpu_layers
         self._defaults, self._embedded = defaults, embedded
         self._notes = [*planned.plan.notes, *self._notes]
@@ -291,8 +296,8 @@ class ChatApp(App[int]):
 
     async def park_kv(self) -> None:
         """The shown conversation's KV cache to disk, so that coming back to it prefills nothing again."""
-        if self.session is None or self.conversation is None:
-            return
+        if self.session is None or self.conversation is None or isinstance(self.session.engine, SplitEngine):
+            return  # a split model's KV cache is its child's
         engine, path = self.session.engine, self.kv_path(self.conversation.id)
 
         def save() -> bool:
@@ -312,7 +317,7 @@ class ChatApp(App[int]):
 
     async def restore_kv(self, conversation_id: int) -> None:
         path = self.kv_path(conversation_id)
-        if self.session is None or not path.is_file():
+        if self.session is None or not path.is_file() or isinstance(self.session.engine, SplitEngine):
             return
         engine = self.session.engine
 

@@ -48,6 +48,13 @@ def main(a: argparse.Namespace) -> int:
                            "without --plain")
     for note in planned.plan.notes:
         print(f"edgellm: {note}", file=sys.stderr)
+    if planned.options.rpc:  # a lost worker costs a pause, not the conversation
+        engine = planned.load_split()
+        try:
+            session = ChatSession(engine, defaults.sampling, a.max_tokens, defaults.system, tuple(a.stop))
+            return plain_chat(session, sys.stdin.isatty() and sys.stdout.isatty(), embedded)
+        finally:
+            engine.close()
     engine = planned.load()
     session = ChatSession(engine, defaults.sampling, a.max_tokens, defaults.system, tuple(a.stop),
                           speculator=make_speculator(engine, planned.draft, watch=default_watch(),

@@ -101,23 +101,23 @@ def main(a: argparse.Namespace) -> int:
 
 
 def run_split(a: argparse.Namespace, prompt: str, planned, sampling, defaults, structured: bool) -> int:
-    """The model split across RPC workers, in a supervised child process (edgellm/remote): a worker that goes
+    """The model split across RPC workers, held by a child process (edgellm/remote/split.py): a worker that goes
     away mid-reply costs a pause and a line on stderr, not the reply."""
-    from edgellm.remote import supervisor
-
-    def replan(workers: tuple[str, ...]):
-        return planned_load(argparse.Namespace(**{**vars(a), "rpc": ",".join(workers)}), planned.plan.target.info,
-                            ).options
-
-    info = planned.plan.target.info
-    if not a.raw and not info.chat_template:
-        print(f"edgellm: {info.name} has no chat template (a base model): the prompt goes in ChatML and the reply "
-              "stops at its markers; --raw completes the text as it is", file=sys.stderr)
-    system = [{"role": "system", "content": defaults.system}] if defaults.system else []
-    what = {"text": prompt} if a.raw else {"messages": [*system, {"role": "user", "content": prompt}]}
-    records = supervisor.generate(str(planned.path), planned.options, sampling, what, a.max_tokens, a.stop,
-                                  planned.draft, replan)
-    return report(a, records, planned, defaults, planned.path, bool(info.chat_template), structured)
+    engine = planned.load_split()
+    try:
+        if a.raw:
+            records = engine.scheduler.generate(engine.tokenize(prompt), sampling=sampling, max_tokens=a.max_tokens,
+                                                stop=a.stop)
+        else:
+            if not engine.is_chat_model:
+                print(f"edgellm: {engine.info.name} has no chat template (a base model): the prompt goes in ChatML "
+                      "and the reply stops at its markers; --raw completes the text as it is", file=sys.stderr)
+            system = [{"role": "system", "content": defaults.system}] if defaults.system else []
+            records = engine.chat([*system, {"role": "user", "content": prompt}], stop=a.stop, sampling=sampling,
+                                  max_tokens=a.max_tokens)
+        return report(a, records, planned, defaults, planned.path, engine.is_chat_model, structured)
+    finally:
+        engine.close()
 
 
 def report(a: argparse.Namespace, records, planned, defaults, path, chat_template: bool, structured: bool) -> int:

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="llama.cpp's tensor cache, so a model's weights cross the network once "
                         "(default: the edgellm cache's rpc/; 'off' to turn it off)")
+    p.add_argument("--mem", default=None, metavar="SIZE",
+                   help="memory to offer on each device, e.g. 4G (default: what is free); clients plan with it")
     p.add_argument("--allow-remote", action="store_true",
                    help="bind a non-loopback --host (the protocol has no authentication or encryption)")
 
@@ -86,6 +88,15 @@ def main(a: argparse.Namespace) -> int:
     devices = rpc.local_devices()
     if not devices:
         raise EdgeLLMError("no device to offer")
+    if a.mem is not None:
+        from edgellm.memory.plan import parse_size
+
+        limit = parse_size(a.mem)
+        if limit < MIB:
+            raise EdgeLLMError(f"--mem must be at least 1M (got {a.mem})")
+        for device, *_ in devices:
+            rpc.cap_memory(device, limit)
+        devices = rpc.local_devices()  # as its clients will see them
     try:  # llama.cpp's server exits the process if it cannot bind: find out here first, in one line
         import socket
         with socket.create_server((a.host, a.port)):

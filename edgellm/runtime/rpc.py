@@ -207,6 +207,30 @@ def local_devices() -> list[tuple[int, str, int, int]]:
     return found.get(DEVICE_TYPE_GPU) or found.get(DEVICE_TYPE_CPU, [])
 
 
+_MEMORY_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t))
+_capped: list[tuple[object, object]] = []  # the original functions and their wrappers, alive while C may call them
+
+
+def cap_memory(device: int, limit: int) -> None:
+    """Report at most `limit` bytes of this device's memory, free and total, from now on in this process (a
+    worker's `--mem`: what its clients plan with, as rpc-server's --mem). The vendored server asks the device
+    itself (ggml_backend_dev_memory) with no hook, so its `get_memory`, the third function of the device's
+    interface (ggml-backend-impl.h: struct ggml_backend_device { struct ggml_backend_device_i iface; ... },
+    get_name, get_description, get_memory, ...), is wrapped in place."""
+    if limit <= 0:
+        raise RpcError("the memory to offer must be positive")
+    slot = ctypes.c_void_p.from_address(device + 2 * ctypes.sizeof(ctypes.c_void_p))
+    original = _MEMORY_FN(slot.value)
+
+    def capped(dev: int, free, total) -> None:
+        original(dev, free, total)
+        free[0], total[0] = min(free[0], limit), min(total[0], limit)
+
+    wrapper = _MEMORY_FN(capped)
+    _capped.append((original, wrapper))
+    slot.value = ctypes.cast(wrapper, ctypes.c_void_p).value
+
+
 def serve(endpoint: Endpoint, cache_dir: str | None, threads: int, devices: list[int]) -> None:
     """Run llama.cpp's RPC server on this thread; it returns only if its socket fails."""
     *_, rpc = _libs()

@@ -32,10 +32,12 @@ from edgellm.memory.manager import Loaded, process_manager
 from edgellm.memory.pressure import default_watch
 from edgellm.memory.scheduler import Request, Scheduler
 from edgellm.model_defaults import resolve_defaults
-from edgellm.options import Planned, planned_load
+from edgellm.options import Planned, planned_load, rpc_endpoints
+from edgellm.remote.split import SplitScheduler
 from edgellm.runtime.backend import llama_thread
-from edgellm.runtime.engine import Engine
+from edgellm.runtime.engine import Engine, LoadOptions
 from edgellm.runtime.grammar import check_grammar
+from edgellm.runtime.model import Model
 from edgellm.server.catalog import Entry
 
 log = logging.getLogger("edgellm.serve")
@@ -99,21 +101,37 @@ class Job:
 
 @dataclass
 class Served:
-    """A model loaded for serving: the manager's handle (held while it has jobs) and its scheduler."""
+    """A model loaded for serving: the manager's handle (held while it has jobs) and its scheduler; a model
+    split over RPC workers has no handle here: its scheduler's child process holds it (remote/split.py)."""
 
     key: tuple[Path, int | None]
     name: str
     planned: Planned  # the plan it was loaded with: acquiring it again gives the same engine
-    loaded: Loaded
-    scheduler: Scheduler
+    loaded: Loaded | None
+    scheduler: Scheduler | SplitScheduler
     held: bool = True
     jobs: list[tuple[Job, Request]] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     keep_alive_s: float = 300.0
 
     @property
-    def engine(self) -> Engine:
+    def split(self) -> bool:
+        return isinstance(self.scheduler, SplitScheduler)
+
+    @property
+    def engine(self) -> Engine | Model:
+        """What its requests are tokenized with (a split model's vocabulary, loaded here without weights)."""
+        if isinstance(self.scheduler, SplitScheduler):
+            return self.scheduler.vocab
+        assert self.loaded is not None
         return self.loaded.engine
+
+    @property
+    def evicted(self) -> bool:
+        """The manager unloaded it meanwhile, or its split model's process cannot go on."""
+        if isinstance(self.scheduler, SplitScheduler):
+            return self.scheduler.broken is not None
+        return self.loaded is None or self.loaded.engine.ctx is None
 
     @property
     def expires_at(self) -> float:
@@ -139,6 +157,7 @@ class Driver:
         self.loaded_view: list[dict[str, Any]] = []
         self._outbox: list[tuple[Job, object]] = []  # records for the event loop, handed over once per step
         self.swap_dir = Path(tempfile.mkdtemp(prefix="edgellm-serve-"))
+        self.workers_lost: set[str] = set()  # RPC workers that went away: later loads plan without them
         self._future = None
 
     # -- from the event loop ------------------------------------------------------------------------
@@ -270,11 +289,11 @@ class Driver:
     def _served_for(self, job: Job) -> Served:
         key = (job.entry.path, job.n_ctx or self.settings.ctx)
         served = self._served.get(key)
-        if served is not None and served.engine.ctx is None:  # the manager evicted it meanwhile
-            self._forget(served)
+        if served is not None and served.evicted:
+            self._unload(served)
             served = None
         if served is not None:
-            if not served.held:
+            if not served.held and not served.split:
                 loaded = self._acquire(served.planned, job.entry)  # the same load: usually the same engine back
                 served.held = True
                 if loaded is served.loaded:
@@ -284,7 +303,22 @@ class Driver:
                 return self._serve(key, job.entry, served.planned, loaded)
             return served
         planned = self._plan(key, job.entry)
+        if planned.options.rpc:
+            return self._serve_split(key, job.entry, planned)
         return self._serve(key, job.entry, planned, self._acquire(planned, job.entry))
+
+    def _serve_split(self, key: tuple[Path, int | None], entry: Entry, planned: Planned) -> Served:
+        """A model over RPC workers, in a child process that a lost worker may end: the requests go on."""
+        def replan(workers: tuple[str, ...]) -> LoadOptions:
+            return self._plan(key, entry, ",".join(workers)).options
+
+        try:
+            scheduler = SplitScheduler(planned.path, planned.options, replan)
+        except EdgeLLMError as e:
+            raise ServeError(f"{entry.name} cannot be loaded now: {e}", 503, retry_after=30) from e
+        served = Served(key, entry.name, planned, None, scheduler, held=False, keep_alive_s=self.settings.keep_alive_s)
+        self._served[key] = served
+        return served
 
     def _serve(self, key: tuple[Path, int | None], entry: Entry, planned: Planned, loaded: Loaded) -> Served:
         try:
@@ -297,10 +331,13 @@ class Driver:
         self._drop_evicted()
         return served
 
-    def _plan(self, key: tuple[Path, int | None], entry: Entry) -> Planned:
+    def _plan(self, key: tuple[Path, int | None], entry: Entry, rpc: str | None = None) -> Planned:
+        """`rpc`: these workers instead of the settings' (those still there: a worker lost once is left out)."""
         s = self.settings
+        if rpc is None:
+            rpc = ",".join(w for w in rpc_endpoints(argparse.Namespace(rpc=s.rpc)) if w not in self.workers_lost)
         flags = argparse.Namespace(ctx=key[1], threads=s.threads, gpu_layers=s.gpu_layers, batch=512,
-                                   kv_type=s.kv_type, mmap=False, draft=s.draft, rpc=s.rpc, ram=s.ram)
+                                   kv_type=s.kv_type, mmap=False, draft=s.draft, rpc=rpc, ram=s.ram)
         try:
             return planned_load(flags, entry.info, parallel=s.parallel or 4)
         except EdgeLLMError as e:
@@ -314,7 +351,7 @@ class Driver:
             raise ServeError(f"{entry.name} cannot be loaded now: {e}", 503, retry_after=30) from e
 
     def _drop_evicted(self) -> None:
-        for served in [s for s in self._served.values() if s.engine.ctx is None]:
+        for served in [s for s in self._served.values() if s.evicted and not s.split]:
             self._forget(served)
             served.scheduler.close()
 
@@ -331,6 +368,10 @@ class Driver:
             served.jobs.clear()
             self._unload(served)
             return
+        if isinstance(served.scheduler, SplitScheduler):
+            while served.scheduler.events:  # a worker gone: the server's log says so too
+                log.warning("%s: %s", served.name, served.scheduler.events.popleft())
+            self.workers_lost.update(served.scheduler.lost)
         for job, request in list(served.jobs):
             new = request.records[job.seen:]
             if new:
@@ -367,6 +408,10 @@ class Driver:
 
     def _unload(self, served: Served) -> None:
         self._forget(served)
+        if served.split:
+            served.scheduler.close()
+            return
+        assert served.loaded is not None
         if served.engine.ctx is not None:
             served.scheduler.close()
         if served.held:
@@ -380,7 +425,7 @@ class Driver:
                 job.cancel.set()
 
     def _publish(self) -> None:
-        view = [{"name": s.name, "path": s.key[0], "plan": s.loaded.plan, "expires_at": s.expires_at,
+        view = [{"name": s.name, "path": s.key[0], "plan": s.planned.plan, "expires_at": s.expires_at,
                  "n_ctx": s.scheduler.cells, "slots": len(s.scheduler.slots), "busy": len(s.jobs)}
                 for s in self._served.values()]
         with self._lock:

@@ -287,6 +287,9 @@ async def respond(driver: Driver, job: Job, body: Base, content, request: Reques
             async for record in jobs.records(driver, job):
                 text = watch.feed(record.text) if watch is not None else record.text
                 if record.finish_reason is None:
+                    if record.event:  # a worker gone: a note beside the text
+                        yield json.dumps({"model": body.model, "created_at": now_iso(), **content(""), "done": False,
+                                          "x_edgellm": {"event": record.event}}) + "\n"
                     if text:
                         yield json.dumps({"model": body.model, "created_at": now_iso(), **content(text),
                                           "done": False}, ensure_ascii=False) + "\n"

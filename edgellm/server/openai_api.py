@@ -291,6 +291,8 @@ async def events(driver: Driver, job: Job, model: str, rid: str, created: int, k
         async for record in jobs.records(driver, job):
             last = record
             text = watch.feed(record.text) if watch is not None else record.text
+            if record.finish_reason is None and record.event:  # a worker gone: a note beside the text
+                yield chunk(None, None, x_edgellm={"event": record.event})
             if record.finish_reason is None and text:
                 yield chunk(text, None)
             elif record.finish_reason is not None:

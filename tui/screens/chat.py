@@ -23,6 +23,7 @@ from textual.worker import WorkerCancelled
 
 from edgellm.decoding.records import Record
 from edgellm.errors import EdgeLLMError
+from edgellm.remote.split import SplitEngine
 from edgellm.tui.history import Message
 from edgellm.tui.threads import on_llama_thread
 from edgellm.tui.widgets import Bubble, ConversationList, Notice, PromptArea, StatusBar
@@ -166,6 +167,8 @@ class ChatScreen(Screen):
 
         def measure() -> tuple[int, int, int]:  # the KV state's size is a llama.cpp call
             draft = getattr(session.speculator, "draft_engine", None)
+            if isinstance(engine, SplitEngine):  # the KV cache is its child's
+                return 0, 0, 0
             return engine.seq.nbytes, len(engine.kv_tokens), draft.info.size_bytes if draft else 0
 
         try:
@@ -226,6 +229,7 @@ class ChatScreen(Screen):
         last: Record | None = None
         status, error = "stopped", None
         shown: list[str] = []  # what the session keeps too: every frame taken is shown
+        notes: list[str] = []
         try:
             async with aclosing(app.session.asend_frames(text, self.frame_s)) as frames:
                 async for frame in frames:
@@ -233,7 +237,8 @@ class ChatScreen(Screen):
                     if reply.append_records(frame):
                         box.scroll_end(animate=False)
                     for event in (r.event for r in frame if r.event):
-                        self.status(event)  # memory pressure: what was given up
+                        self.status(event)  # memory pressure: what was given up; a worker gone
+                        notes.append(event)
                     last = frame[-1]
                     if self._stop:
                         break
@@ -258,7 +263,7 @@ class ChatScreen(Screen):
             self.status("stopped (the reply so far is kept)")
         elif last is not None:
             self.last_record = last
-            self.status(reply_summary(last))
+            self.status(" · ".join([reply_summary(last), *notes[-1:]]))  # the last note stays in view
         await self.show_memory()
         self.refresh_list()
 

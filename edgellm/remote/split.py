@@ -1,0 +1,322 @@
+"""The parent side of a split model: a scheduler whose model lives in a child process (host.py).
+
+It offers what `run`, the chat and the server's driver use of a Scheduler (`submit`, `step`, `active`, `cells`,
+`close`), and keeps each request's emitter here, on the model's vocabulary (loaded vocabulary-only: no
+weights), so the text a reader has seen is this process's. When the child ends, each worker is checked; the
+lost ones are dropped, the load is planned again without them (`replan`), a new child loads the rest, and
+every running request goes on from its prompt plus the tokens it has so far, after a one-line note. When
+nothing is lost the child failed on its own; when the rest does not fit, the running requests end with one
+line each, keeping their text, and the model refuses new ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgellm.decoding.emitter import Emitter
+from edgellm.decoding.records import Record
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.engine import LoadOptions
+from edgellm.runtime.model import Model
+from edgellm.runtime.rpc import RpcError, check, parse_endpoints
+from edgellm.runtime.sampling import SamplingParams
+
+READY_S = 600.0  # a split load sends the weights once over the network: minutes on a slow link
+
+
+@dataclass(eq=False)
+class SplitRequest:
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    emitter: Emitter
+    ignore_eog: bool = False
+    cancel: threading.Event | None = None
+    records: list[Record] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(r.text for r in self.records)
+
+
+def gone(endpoints: Sequence[str]) -> list[str]:
+    """The workers that no longer answer the protocol's handshake."""
+    out = []
+    for endpoint in parse_endpoints(",".join(endpoints)):
+        try:
+            check(endpoint, timeout=3.0)
+        except RpcError:
+            out.append(str(endpoint))
+    return out
+
+
+class _Host:
+    """One child process and a thread that reads its channel into a queue (None: it ended)."""
+
+    def __init__(self, path: Path, options: LoadOptions) -> None:
+        fields = asdict(options)
+        fields.pop("eval_callback")
+        # without GGML_NO_BACKTRACE llama.cpp's abort first attaches gdb (where installed), seconds of pause
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgellm.remote.host"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                     env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+        self.inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.log: deque[str] = deque(maxlen=20)  # its stderr: llama.cpp's abort text, for the error line
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.send({"path": str(path), "options": fields})
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.inbox.put(json.loads(line))
+        self.inbox.put(None)
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip())
+
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(command, separators=(",", ":")) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # it has ended: its channel's end says so
+            pass
+
+    def ready(self) -> dict[str, Any]:
+        """Wait for the loaded model's shape; EdgeLLMError with the child's line when it could not load."""
+        try:
+            message = self.inbox.get(timeout=READY_S)
+        except queue.Empty:
+            self.close()
+            raise EdgeLLMError(f"the split model did not load in {READY_S:.0f} s") from None
+        if message is not None and "ready" in message:
+            return message["ready"]
+        self.close()
+        raise EdgeLLMError(message["error"] if message else f"the split model's process ended: {self.last_line()}")
+
+    def last_line(self) -> str:
+        return next((line for line in reversed(self.log) if line.strip()), f"exit status {self.proc.returncode}")
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError, ValueError):
+                self.proc.stdin.close()  # the child closes the model (on its llama thread) and ends
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class SplitScheduler:
+    """Drive it from one thread, as a Scheduler: `submit`, then `step` while `active`."""
+
+    def __init__(self, path: Path, options: LoadOptions,
+                 replan: Callable[[tuple[str, ...]], LoadOptions] | None = None) -> None:
+        """`replan(workers)`: the load options without the workers that went away (EdgeLLMError when the
+        rest does not fit)."""
+        self.path, self.options, self.replan = Path(path), options, replan
+        self.vocab = Model(path, vocab_only=True)
+        self.engine = self.vocab  # what callers tokenize with (the driver's `served.engine`)
+        self._host = _Host(self.path, options)
+        shape = self._host.ready()
+        self.n_ctx, self.cells = shape["n_ctx"], shape["cells"]
+        self.slots = list(range(shape["slots"]))
+        self.active: list[SplitRequest] = []
+        self.waiting: list[SplitRequest] = []  # the child queues; nothing waits here
+        self.accepting = True
+        self.broken: str | None = None  # why no request is taken any more
+        self._ids: dict[int, SplitRequest] = {}
+        self._next_id = 0
+        self.events: deque[str] = deque(maxlen=256)  # notes for the owner's log (a worker gone)
+        self.lost: set[str] = set()  # workers that went away
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        return tuple(self.options.rpc)
+
+    def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None, max_tokens: int = 256,
+               stop: Sequence[str] = (), ignore_eog: bool = False, session: str | None = None,
+               cancel: threading.Event | None = None) -> SplitRequest:
+        if self.broken:
+            raise EdgeLLMError(self.broken)
+        if not prompt:
+            raise EdgeLLMError("empty prompt")
+        if len(prompt) >= self.cells:
+            raise EdgeLLMError(f"the prompt is {len(prompt)} tokens but a slot holds {self.cells}; "
+                               "use a larger --ctx or fewer slots")
+        bad = next((t for t in prompt if not 0 <= t < self.vocab.n_vocab), None)
+        if bad is not None:
+            raise EdgeLLMError(f"token {bad} is outside the model's vocabulary of {self.vocab.n_vocab}")
+        emitter = Emitter(self.vocab, len(prompt), self.cells, stop, max_tokens, cancel, ignore_eog)
+        emitter.prefilled(len(prompt))
+        request = SplitRequest(list(prompt), sampling or SamplingParams(), max_tokens, emitter, ignore_eog, cancel)
+        self._start(request)
+        self.active.append(request)
+        return request
+
+    def generate(self, prompt: Sequence[int], **kwargs) -> Iterator[Record]:
+        """Submit one request and step until it is done, yielding its records (others advance too)."""
+        request = self.submit(prompt, **kwargs)
+        seen = 0
+        try:
+            while not request.done:
+                self.step()
+                yield from request.records[seen:]
+                seen = len(request.records)
+        finally:
+            if not request.done:  # the caller stopped reading: the child stops too
+                self._finish(request, request.emitter.end("cancelled"))
+        yield from request.records[seen:]
+
+    def _start(self, request: SplitRequest) -> None:
+        rid = self._next_id
+        self._next_id += 1
+        self._ids[rid] = request
+        self._host.send({"submit": rid, "tokens": [*request.prompt, *request.generated],
+                         "sampling": asdict(request.sampling),
+                         "max_tokens": request.max_tokens - len(request.generated), "ignore_eog": request.ignore_eog})
+
+    def _finish(self, request: SplitRequest, record: Record) -> None:
+        request.records.append(record)
+        request.done = True
+        for rid, r in list(self._ids.items()):
+            if r is request:
+                del self._ids[rid]
+                self._host.send({"cancel": rid})  # a no-op where the child ended it already
+        self.active = [r for r in self.active if r is not request]
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self, wait_s: float = 0.25) -> bool:
+        """Take what the child made since the last step (waiting up to `wait_s` for its first line). False
+        when nothing runs."""
+        for r in [r for r in self.active if r.emitter.cancelled]:
+            self._finish(r, r.emitter.end("cancelled"))
+        if not self.active:
+            return False
+        try:
+            message = self._host.inbox.get(timeout=wait_s)
+        except queue.Empty:
+            return True
+        while True:
+            if message is None:
+                self._failover()
+                return bool(self.active)
+            self._take(message)
+            try:
+                message = self._host.inbox.get_nowait()
+            except queue.Empty:
+                return bool(self.active)
+
+    def _take(self, message: dict[str, Any]) -> None:
+        request = self._ids.get(message.get("id", -1))
+        if request is None or request.done:  # ended here already (a stop string, a cancel)
+            return
+        if "t" in message:
+            token = int(message["t"])
+            request.generated.append(token)
+            record = request.emitter.emit(token, bool(message["d"]))
+            if record.finish_reason:
+                self._finish(request, record)
+            else:
+                request.records.append(record)
+        elif "e" in message:
+            request.records.append(request.emitter.event(message["e"]))
+        elif "end" in message:
+            self._finish(request, request.emitter.end(message["end"], event=message.get("why")))
+
+    def _failover(self) -> None:
+        """The child ended: go on without the workers that are gone, or end the running requests."""
+        code = self._host.proc.wait()
+        last = self._host.last_line() if code else "it ended"
+        lost = gone(self.workers)
+        if not lost or self.replan is None:
+            self._end_all(f"the split model's process ended: {last}")
+            return
+        self.lost.update(lost)
+        left = tuple(e for e in self.workers if e not in lost)
+        rest = f"going on {'with ' + ', '.join(left) if left else 'here alone'}"
+        note = f"worker {', '.join(lost)} went away; {rest}"
+        self.events.append(note)
+        try:
+            options = self.replan(left)
+            host = _Host(self.path, options)
+            shape = host.ready()
+        except EdgeLLMError as e:
+            self._end_all(f"{note}: {e}")
+            return
+        self._host, self.options = host, options
+        self.n_ctx, self.cells = shape["n_ctx"], shape["cells"]
+        self._ids.clear()
+        for request in self.active:
+            request.records.append(request.emitter.event(
+                f"worker {', '.join(lost)} went away after {len(request.generated)} token(s); {rest}"))
+            self._start(request)
+
+    def _end_all(self, why: str) -> None:
+        self.broken = why
+        self.accepting = False
+        for request in list(self.active):
+            self._finish(request, request.emitter.end("error", event=why))
+
+    def close(self) -> None:
+        self._host.close()
+        self.vocab.close()
+
+
+class SplitEngine:
+    """A split model as a chat uses an Engine: replies through a SplitScheduler, whose child keeps the
+    conversation's KV cache between turns (a slot reuses the longest common prefix). No speculator: the
+    child's scheduler drafts by lookup where its cost curve says it pays."""
+
+    def __init__(self, path: Path, options: LoadOptions,
+                 replan: Callable[[tuple[str, ...]], LoadOptions] | None = None) -> None:
+        self.scheduler = SplitScheduler(path, options, replan)
+        self.weights = self.scheduler.vocab
+        self.info, self.path = self.weights.info, self.weights.path
+        self.kv_tokens: list[int] = []  # the KV cache is the child's
+
+    @property
+    def n_ctx(self) -> int:
+        return self.scheduler.cells
+
+    @property
+    def is_chat_model(self) -> bool:
+        return self.weights.is_chat_model
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.weights.tokenize(text, add_special, parse_special)
+
+    def turn_stops(self) -> list[str]:
+        return self.weights.turn_stops()
+
+    def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.weights.chat_tokens(messages, tools)
+
+    def chat(self, messages: list[dict[str, Any]], stop: Sequence[str] = (), sampling: SamplingParams | None = None,
+             max_tokens: int = 256, cancel: threading.Event | None = None, ignore_eog: bool = False,
+             speculator: Any = None) -> Iterator[Record]:
+        return self.scheduler.generate(self.chat_tokens(messages), sampling=sampling, max_tokens=max_tokens,
+                                       stop=[*stop, *self.turn_stops()], cancel=cancel, ignore_eog=ignore_eog)
+
+    def reset(self) -> None:
+        """A new conversation: nothing to do here (the child's slot keeps only a common prefix)."""
+
+    def close(self) -> None:
+        self.scheduler.close()
