@@ -58,6 +58,7 @@ class Request:
     emitter: Emitter  # text, stops, finish, stats and timing: the same as a single sequence's
     session: str | None = None  # requests of one conversation share a slot (and its KV prefix)
     cancel: threading.Event | None = None
+    resume: int = 0  # the prompt's last tokens that are this reply's own so far (a split model's failover)
     records: list[Record] = field(default_factory=list)  # appended as they are made
     slot: Slot | None = None
     done: bool = False
@@ -117,7 +118,9 @@ class Scheduler:
     # -- requests ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None, max_tokens: int = 256,
                stop: Sequence[str] = (), ignore_eog: bool = False, session: str | None = None,
-               cancel: threading.Event | None = None) -> Request:
+               cancel: threading.Event | None = None, resume: int = 0) -> Request:
+        """`resume`: the last `resume` tokens of `prompt` are the reply's own so far (it goes on in another
+        process): its grammar and penalty window take them as generated, not as prompt."""
         if not prompt:
             raise EdgeLLMError("empty prompt")
         if not self.accepting:
@@ -129,7 +132,8 @@ class Scheduler:
         if bad is not None:
             raise EdgeLLMError(f"token {bad} is outside the model's vocabulary of {self.engine.n_vocab}")
         emitter = Emitter(self.engine, len(prompt), self.cells, stop, max_tokens, cancel, ignore_eog)
-        request = Request(list(prompt), sampling or SamplingParams(), max_tokens, emitter, session, cancel)
+        request = Request(list(prompt), sampling or SamplingParams(), max_tokens, emitter, session, cancel,
+                          resume=max(0, min(resume, len(prompt) - 1)))
         self.waiting.append(request)
         return request
 
@@ -202,7 +206,10 @@ class Scheduler:
 
     def _start(self, request: Request, slot: Slot) -> None:
         try:
-            sampler = Sampler(request.sampling, self.engine.n_vocab, request.prompt, self.engine.vocab)
+            own = len(request.prompt) - request.resume
+            sampler = Sampler(request.sampling, self.engine.n_vocab, request.prompt[:own], self.engine.vocab)
+            for token in request.prompt[own:]:
+                sampler.accept(token)
         except EdgeLLMError as e:  # a grammar llama.cpp refuses: this request ends, the others go on
             self._end(request, "error", str(e))
             return
