@@ -21,7 +21,7 @@ CLEARED = ("HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE", "DISABLE_TELEMETRY"
            "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",  # hub_reachable
            "NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES", "TTY_COMPATIBLE", "TTY_INTERACTIVE",  # rich's output
            "EDGELLM_VERBOSE", "EDGELLM_SMOKE_SIGNAL",  # llama.cpp's log on stderr; a fault injected on purpose
-           "EDGELLM_RPC")  # workers a user named for their own runs
+           "EDGELLM_RPC", "EDGELLM_RPC_STALL_S")  # workers a user named for their own runs, and their patience
 KEPT = ("TEXTUAL_SNAPSHOT_TEMPDIR",)  # pytest-textual-snapshot's own, set at the session's start for its report
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -132,6 +133,56 @@ def test_a_worker_killed_mid_reply_costs_a_pause_not_the_reply(cli, tmp_path):
     notes = [line for line in err.decode().splitlines() if "went away" in line]
     assert len(notes) == 1 and f"worker {w.endpoint} went away after" in notes[0] and "here alone" in notes[0]
     assert "Traceback" not in err.decode()
+
+
+def test_a_structured_reply_keeps_its_grammar_across_a_lost_worker(cli):
+    """The new child takes the reply's tokens so far as its own: the grammar and the penalty window go on
+    from them (as prompt they would restart the JSON at its first brace)."""
+    ask = ("run", "smollm2-135m", "List twenty fruits and their colours.", "--format", "json", "--temp", "0",
+           "-n", "120")
+    local = cli(*ask)
+    assert local.returncode == 0, local.stderr
+    with WorkerProcess("--cache", "off") as w:
+        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *ask, "--rpc", w.endpoint, "-ngl", "20"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert run.stdout is not None
+        first = run.stdout.read1(4096)
+        assert first
+        w.stop(signal.SIGKILL)
+        rest, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err.decode()
+    assert "went away after" in err.decode()
+    assert (first + rest).decode() == local.stdout
+
+
+def test_a_worker_that_stops_answering_is_left_behind_after_the_stall_limit(cli):
+    """A worker that vanishes without closing its connection (SIGSTOP here; power or network in life):
+    llama.cpp waits on it for ever, so the child that sends nothing for EDGELLM_RPC_STALL_S is ended, the
+    worker found not answering, and the reply goes on here."""
+    local = cli(*LONG)
+    assert local.returncode == 0, local.stderr
+    with WorkerProcess("--cache", "off") as w:
+        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *LONG, "--rpc", w.endpoint, "-ngl", "20"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "EDGELLM_RPC_STALL_S": "3"})
+        assert run.stdout is not None and w.proc is not None
+        first = run.stdout.read1(4096)
+        assert first
+        w.proc.send_signal(signal.SIGSTOP)
+        try:
+            rest, err = run.communicate(timeout=300)
+        finally:
+            w.stop(signal.SIGKILL)
+    assert run.returncode == 0, err.decode()
+    assert (first + rest).decode() == local.stdout
+    notes = [line for line in err.decode().splitlines() if "went away" in line]
+    assert len(notes) == 1 and f"worker {w.endpoint} went away after" in notes[0] and "here alone" in notes[0]
+
+
+def test_a_bad_stall_limit_is_refused_in_one_line(cli, worker):
+    for value, why in (("soon", "must be a number of seconds"), ("0", "must be above 0")):
+        result = cli(*PROMPT, "--rpc", worker.endpoint, "-ngl", "20", env={"EDGELLM_RPC_STALL_S": value})
+        assert_one_line_error(result, "EDGELLM_RPC_STALL_S", why)
 
 
 def test_when_the_rest_no_longer_fits_the_reply_ends_in_one_line_and_keeps_its_text(cli):

@@ -5,7 +5,8 @@ aborts this process when a worker goes away; the parent (split.py) owns every re
 another child.
 
 Protocol: the first line on stdin is {"path": ..., "options": {LoadOptions}}; then one command a line:
-  {"submit": id, "tokens": [ids], "sampling": {SamplingParams}, "max_tokens": n, "ignore_eog": bool}
+  {"submit": id, "tokens": [ids], "sampling": {SamplingParams}, "max_tokens": n, "ignore_eog": bool,
+   "resume": n}   (the last n tokens are the reply's own so far: its grammar and penalties take them)
   {"cancel": id}
 stdin's end closes the model and ends the process. On the channel (the stdout it started with; llama.cpp's
 own writes to stdout go to stderr), one JSON object a line:
@@ -13,6 +14,7 @@ own writes to stdout go to stderr), one JSON object a line:
   {"id": id, "t": token, "d": from_draft}          the next token of a request
   {"id": id, "e": "a notice"}                      memory pressure
   {"id": id, "end": reason, "why": "..."}          the request ended here (why: a refused request's line)
+  {"s": 1}                                         a step that made none of the above (the parent's watchdog)
   {"error": "one line"}                            it could not load (exit 1)
 Stop strings are the parent's: here a request ends on the model's own end, its length or a cancel.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 from typing import IO, Any
@@ -72,7 +75,7 @@ def serve(first: dict[str, Any], commands: queue.SimpleQueue, channel: IO[str]) 
                     try:
                         request = scheduler.submit(command["tokens"], SamplingParams(**command["sampling"]),
                                                    int(command["max_tokens"]), ignore_eog=bool(command["ignore_eog"]),
-                                                   cancel=cancel)
+                                                   cancel=cancel, resume=int(command.get("resume", 0)))
                     except EdgeLLMError as e:
                         send({"id": rid, "end": "error", "why": str(e)})
                     else:
@@ -82,7 +85,8 @@ def serve(first: dict[str, Any], commands: queue.SimpleQueue, channel: IO[str]) 
                 command = commands.get_nowait()
         except queue.Empty:
             pass
-        if scheduler.active or scheduler.waiting:
+        stepped = bool(scheduler.active or scheduler.waiting)
+        if stepped:
             scheduler.step()
         for rid, (request, _) in list(tracked.items()):
             for record in request.records[seen[rid]:]:
@@ -95,10 +99,13 @@ def serve(first: dict[str, Any], commands: queue.SimpleQueue, channel: IO[str]) 
             seen[rid] = len(request.records)
             if request.done:
                 del tracked[rid], seen[rid]
+        if stepped and not out:
+            send({"s": 1})
         flush()
 
 
 def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal is the parent's to handle
     channel = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # whatever C code prints to stdout must not mix with the channel
     commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -106,8 +113,9 @@ def main() -> int:
     threading.Thread(target=_read, args=(commands,), daemon=True).start()
     try:
         serve(first, commands, channel)
-    except EdgeLLMError as e:
-        channel.write(json.dumps({"error": str(e)}) + "\n")
+    except Exception as e:  # the parent ends the running requests with this line
+        why = str(e) if isinstance(e, EdgeLLMError) else f"{type(e).__name__}: {e}"
+        channel.write(json.dumps({"error": why}) + "\n")
         channel.flush()
         return 1
     return 0

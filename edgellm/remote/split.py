@@ -18,6 +18,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,8 @@ from edgellm.runtime.model import Model
 from edgellm.runtime.rpc import RpcError, check, parse_endpoints
 from edgellm.runtime.sampling import SamplingParams
 
-READY_S = 600.0  # a split load sends the weights once over the network: minutes on a slow link
+READY_S = 240.0  # a split load sends the weights once over the network (the app waits 300 s for a load)
+STALL_S = 60.0  # EDGELLM_RPC_STALL_S: see stall_s()
 
 
 @dataclass(eq=False)
@@ -55,7 +57,7 @@ class SplitRequest:
 def gone(endpoints: Sequence[str]) -> list[str]:
     """The workers that no longer answer the protocol's handshake."""
     out = []
-    for endpoint in parse_endpoints(",".join(endpoints)):
+    for endpoint in parse_endpoints(",".join(endpoints)) if endpoints else ():
         try:
             check(endpoint, timeout=3.0)
         except RpcError:
@@ -63,27 +65,49 @@ def gone(endpoints: Sequence[str]) -> list[str]:
     return out
 
 
-class _Host:
-    """One child process and a thread that reads its channel into a queue (None: it ended)."""
+def stall_s() -> float:
+    """How long a child with running requests may send nothing before it is taken for stuck: a worker that
+    vanished without closing its connection (power, network) leaves llama.cpp waiting on it for ever."""
+    text = os.environ.get("EDGELLM_RPC_STALL_S", "")
+    try:
+        value = float(text) if text.strip() else STALL_S
+    except ValueError:
+        raise EdgeLLMError(f"EDGELLM_RPC_STALL_S must be a number of seconds (got {text!r})") from None
+    if not value > 0:
+        raise EdgeLLMError(f"EDGELLM_RPC_STALL_S must be above 0 (got {text!r})")
+    return value
 
-    def __init__(self, path: Path, options: LoadOptions) -> None:
+
+class _Host:
+    """One child process and the threads that read its channel into a queue (None: it ended) and its stderr."""
+
+    def __init__(self, path: Path, options: LoadOptions, notify: Callable[[], None] | None = None) -> None:
         fields = asdict(options)
         fields.pop("eval_callback")
-        # without GGML_NO_BACKTRACE llama.cpp's abort first attaches gdb (where installed), seconds of pause
+        self.notify = notify
+        # its own session: a Ctrl-C at the terminal is the parent's (a stopped reply), not the model's end.
+        # Without GGML_NO_BACKTRACE llama.cpp's abort first attaches gdb (where installed): seconds of pause
         self.proc = subprocess.Popen([sys.executable, "-m", "edgellm.remote.host"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                                     env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+                                     env={**os.environ, "GGML_NO_BACKTRACE": "1"}, start_new_session=True)
         self.inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self.log: deque[str] = deque(maxlen=20)  # its stderr: llama.cpp's abort text, for the error line
+        self.error: str | None = None  # what the child said before it ended
         threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._stderr = threading.Thread(target=self._drain, daemon=True)
+        self._stderr.start()
         self.send({"path": str(path), "options": fields})
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.inbox.put(json.loads(line))
-        self.inbox.put(None)
+            self._put(json.loads(line))
+        self._put(None)
+
+    def _put(self, message: dict[str, Any] | None) -> None:
+        self.inbox.put(message)
+        if self.notify is not None:
+            self.notify()
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
@@ -111,31 +135,51 @@ class _Host:
         raise EdgeLLMError(message["error"] if message else f"the split model's process ended: {self.last_line()}")
 
     def last_line(self) -> str:
-        return next((line for line in reversed(self.log) if line.strip()), f"exit status {self.proc.returncode}")
+        """Why it ended: its own error line, else the last line on its stderr (llama.cpp's abort)."""
+        if self.error:
+            return self.error
+        self._stderr.join(timeout=2.0)  # the pipe closes as the process ends
+        return next((line for line in reversed(list(self.log)) if line.strip()),
+                    f"exit status {self.proc.returncode}")
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
 
     def close(self, timeout: float = 10.0) -> None:
         if self.proc.stdin is not None:
-            with contextlib.suppress(BrokenPipeError, ValueError):
+            with contextlib.suppress(BrokenPipeError, ValueError, OSError):
                 self.proc.stdin.close()  # the child closes the model (on its llama thread) and ends
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            self.proc.wait(timeout)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 class SplitScheduler:
     """Drive it from one thread, as a Scheduler: `submit`, then `step` while `active`."""
 
     def __init__(self, path: Path, options: LoadOptions,
-                 replan: Callable[[tuple[str, ...]], LoadOptions] | None = None) -> None:
+                 replan: Callable[[tuple[str, ...]], LoadOptions] | None = None,
+                 notify: Callable[[], None] | None = None) -> None:
         """`replan(workers)`: the load options without the workers that went away (EdgeLLMError when the
-        rest does not fit)."""
-        self.path, self.options, self.replan = Path(path), options, replan
+        rest does not fit). `notify`: called from another thread whenever the child has sent something (a
+        driver that steps several models waits on it)."""
+        self.path, self.options, self.replan, self.notify = Path(path), options, replan, notify
+        self.stall_s = stall_s()
         self.vocab = Model(path, vocab_only=True)
         self.engine = self.vocab  # what callers tokenize with (the driver's `served.engine`)
-        self._host = _Host(self.path, options)
-        shape = self._host.ready()
+        try:
+            self._host = _Host(self.path, options, notify)
+            shape = self._host.ready()
+        except BaseException:
+            self.vocab.close()
+            raise
         self.n_ctx, self.cells = shape["n_ctx"], shape["cells"]
         self.slots = list(range(shape["slots"]))
         self.active: list[SplitRequest] = []
@@ -144,6 +188,7 @@ class SplitScheduler:
         self.broken: str | None = None  # why no request is taken any more
         self._ids: dict[int, SplitRequest] = {}
         self._next_id = 0
+        self._heard = time.monotonic()  # the child's last line, while requests run
         self.events: deque[str] = deque(maxlen=256)  # notes for the owner's log (a worker gone)
         self.lost: set[str] = set()  # workers that went away
 
@@ -167,6 +212,8 @@ class SplitScheduler:
         emitter = Emitter(self.vocab, len(prompt), self.cells, stop, max_tokens, cancel, ignore_eog)
         emitter.prefilled(len(prompt))
         request = SplitRequest(list(prompt), sampling or SamplingParams(), max_tokens, emitter, ignore_eog, cancel)
+        if not self.active:
+            self._heard = time.monotonic()  # the watchdog counts from the first running request
         self._start(request)
         self.active.append(request)
         return request
@@ -190,7 +237,7 @@ class SplitScheduler:
         self._next_id += 1
         self._ids[rid] = request
         self._host.send({"submit": rid, "tokens": [*request.prompt, *request.generated],
-                         "sampling": asdict(request.sampling),
+                         "sampling": asdict(request.sampling), "resume": len(request.generated),
                          "max_tokens": request.max_tokens - len(request.generated), "ignore_eog": request.ignore_eog})
 
     def _finish(self, request: SplitRequest, record: Record) -> None:
@@ -211,9 +258,12 @@ class SplitScheduler:
         if not self.active:
             return False
         try:
-            message = self._host.inbox.get(timeout=wait_s)
+            message = self._host.inbox.get(timeout=wait_s) if wait_s > 0 else self._host.inbox.get_nowait()
         except queue.Empty:
+            if time.monotonic() - self._heard > self.stall_s:  # stuck on a worker that vanished: its end
+                self._host.kill()                                # is the failover's start
             return True
+        self._heard = time.monotonic()
         while True:
             if message is None:
                 self._failover()
@@ -225,8 +275,11 @@ class SplitScheduler:
                 return bool(self.active)
 
     def _take(self, message: dict[str, Any]) -> None:
+        if "error" in message:  # the child's last words; its end follows
+            self._host.error = str(message["error"])
+            return
         request = self._ids.get(message.get("id", -1))
-        if request is None or request.done:  # ended here already (a stop string, a cancel)
+        if request is None or request.done:  # ended here already (a stop string, a cancel), or a heartbeat
             return
         if "t" in message:
             token = int(message["t"])
@@ -243,31 +296,43 @@ class SplitScheduler:
 
     def _failover(self) -> None:
         """The child ended: go on without the workers that are gone, or end the running requests."""
-        code = self._host.proc.wait()
-        last = self._host.last_line() if code else "it ended"
-        lost = gone(self.workers)
-        if not lost or self.replan is None:
-            self._end_all(f"the split model's process ended: {last}")
-            return
-        self.lost.update(lost)
-        left = tuple(e for e in self.workers if e not in lost)
-        rest = f"going on {'with ' + ', '.join(left) if left else 'here alone'}"
-        note = f"worker {', '.join(lost)} went away; {rest}"
-        self.events.append(note)
+        old, host = self._host, None
         try:
-            options = self.replan(left)
-            host = _Host(self.path, options)
-            shape = host.ready()
-        except EdgeLLMError as e:
-            self._end_all(f"{note}: {e}")
-            return
-        self._host, self.options = host, options
-        self.n_ctx, self.cells = shape["n_ctx"], shape["cells"]
-        self._ids.clear()
-        for request in self.active:
-            request.records.append(request.emitter.event(
-                f"worker {', '.join(lost)} went away after {len(request.generated)} token(s); {rest}"))
-            self._start(request)
+            old.close(timeout=5.0)
+            stalled = old.proc.returncode == -9 and not old.error  # killed by the watchdog
+            last = (f"it sent nothing for {self.stall_s:.0f} s" if stalled else
+                    old.last_line() if old.proc.returncode else "it ended")
+            lost = gone(self.workers)
+            if not lost or self.replan is None:
+                self._end_all(f"the split model's process ended: {last}")
+                return
+            self.lost.update(lost)
+            left = tuple(e for e in self.workers if e not in lost)
+            rest = f"going on {'with ' + ', '.join(left) if left else 'here alone'}"
+            note = f"worker {', '.join(lost)} went away; {rest}"
+            self.events.append(note)
+            try:
+                options = self.replan(left)
+                host = _Host(self.path, options, self.notify)
+                shape = host.ready()
+            except EdgeLLMError as e:
+                self._end_all(f"{note}: {e}")
+                return
+            self._host, self.options, host = host, options, None
+            self.n_ctx, self.cells = shape["n_ctx"], shape["cells"]
+            self.slots = list(range(shape["slots"]))
+            self._ids.clear()
+            self._heard = time.monotonic()
+            for request in self.active:
+                request.records.append(request.emitter.event(
+                    f"worker {', '.join(lost)} went away after {len(request.generated)} token(s); {rest}"))
+                self._start(request)
+        except Exception as e:  # never a request left running on nothing
+            self._end_all(f"the split model could not go on: {e}")
+        finally:
+            if host is not None:  # started, then given up
+                host.kill()
+                host.close()
 
     def _end_all(self, why: str) -> None:
         self.broken = why

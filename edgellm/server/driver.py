@@ -203,18 +203,19 @@ class Driver:
                 self._take_inbox()
                 if self._stopping:
                     self._cancel_all()
-                busy = False
+                busy = local = False
                 for served in list(self._served.values()):
                     if served.scheduler.active or served.scheduler.waiting:
                         busy = True
+                        local = local or not served.split
                         self._step(served)
                 self._flush()
                 if self._stopping and not busy:
                     return
                 self._idle()
                 self._publish()
-                if not busy:
-                    self._wake.wait(timeout=1.0)
+                if not local:  # idle, or only split models' children at work: until one of them sends
+                    self._wake.wait(timeout=0.25 if busy else 1.0)
                     self._wake.clear()
         finally:
             with self._submit_lock:
@@ -313,7 +314,7 @@ class Driver:
             return self._plan(key, entry, ",".join(workers)).options
 
         try:
-            scheduler = SplitScheduler(planned.path, planned.options, replan)
+            scheduler = SplitScheduler(planned.path, planned.options, replan, notify=self._wake.set)
         except EdgeLLMError as e:
             raise ServeError(f"{entry.name} cannot be loaded now: {e}", 503, retry_after=30) from e
         served = Served(key, entry.name, planned, None, scheduler, held=False, keep_alive_s=self.settings.keep_alive_s)
@@ -360,7 +361,10 @@ class Driver:
 
     def _step(self, served: Served) -> None:
         try:
-            served.scheduler.step()
+            if isinstance(served.scheduler, SplitScheduler):
+                served.scheduler.step(wait_s=0)  # its child's lines wake this loop (`notify`)
+            else:
+                served.scheduler.step()
         except Exception as e:  # not a request's fault: end this model's requests, keep serving
             log.exception("a step of %s failed", served.name)
             for job, _ in served.jobs:
