@@ -60,9 +60,17 @@ def penalized_logits(params: SamplingParams, row: np.ndarray, history: list[int]
     return data["logit"].copy()
 
 
+FILTERS = {
+    "top-k, top-p, min-p": dict(top_k=40, top_p=0.95, min_p=0.02),
+    "min-p alone (the row cut to its reach first)": dict(top_k=0, top_p=1.0, min_p=0.01),
+}
+
+
+@pytest.mark.parametrize("filters", list(FILTERS))
 @pytest.mark.parametrize("penalty", list(PENALTIES))
-def test_penalties_pick_what_llama_cpps_penalty_sampler_picks(engine: Engine, prompted: list[int], penalty: str):
-    params = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, min_p=0.02, **PENALTIES[penalty])
+def test_penalties_pick_what_llama_cpps_penalty_sampler_picks(engine: Engine, prompted: list[int], penalty: str,
+                                                              filters: str):
+    params = SamplingParams(temperature=1.0, **FILTERS[filters], **PENALTIES[penalty])
     before = engine.logits(-1).copy()
     expected = penalized_logits(params, before, prompted)
     changed = np.flatnonzero(expected != before)

@@ -146,6 +146,14 @@ class Sampler:
         self._filters = [C.llama_sampler_chain_get(self._chain, i)
                          for i in range(C.llama_sampler_chain_n(self._chain) - 1)]  # all but the picker
         self._data: np.ndarray | None = None  # the candidates' buffer, made on the first verification
+        # min-p as the first filter (SmolLM2's defaults, no top-k or top-p): the row is cut to the tokens within
+        # reach of it in numpy, a little wider than min-p, in their order; the chain's own min-p then keeps exactly
+        # what it keeps from the whole row (the same max, the same survivors in the same order) and the picker
+        # draws the same token, without building a llama_token_data for every token of the vocabulary
+        self._reach = None
+        if not params.greedy and params.top_k <= 0 and params.top_p >= 1.0 and params.min_p > 0.0:
+            self._reach = math.log(params.min_p) - 1e-3
+            self._near = np.zeros(256, dtype=TOKEN_DATA)
         self.generated = 0
         if self._recent is not None:  # the penalty window starts with the prompt, as in llama.cpp (not the grammar)
             for token in history[-params.repeat_last_n:]:
@@ -187,13 +195,33 @@ class Sampler:
             if self.argmax_only:
                 token = int(row.argmax())
             elif self._grammar is None:
-                token = C.llama_sampler_sample(self._chain, ctx, index)
+                token = self._sample_near(row) if self._reach is not None else -1
+                if token < 0:
+                    token = C.llama_sampler_sample(self._chain, ctx, index)
             else:
                 best = self._best_allowed(row) if self._greedy_grammar else None
                 token = best if best is not None else self._sample_allowed(row)
                 C.llama_sampler_accept(self._grammar, token)  # the grammar moves on
             self._check(row, token)
         self._remember(token)
+        return token
+
+    def _sample_near(self, row: np.ndarray) -> int:
+        """The chain's pick from the tokens min-p can keep (see __init__); -1 when the row has no finite maximum."""
+        assert self._reach is not None
+        top = row.max()
+        if not math.isfinite(top):
+            return -1
+        near = np.flatnonzero(row >= top + self._reach)
+        n = len(near)
+        if n > len(self._near):
+            self._near = np.zeros(2 * n, dtype=TOKEN_DATA)
+        buf = self._near[:n]
+        buf["id"], buf["logit"], buf["p"] = near, row[near], 0.0
+        arr = C.llama_token_data_array(buf.ctypes.data_as(C.llama_token_data_p), n, -1, False)
+        C.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        token = int(buf["id"][arr.selected])
+        C.llama_sampler_accept(self._chain, token)  # as llama_sampler_sample does after its apply
         return token
 
     def _full(self, row: np.ndarray, masked: bool) -> tuple[np.ndarray, C.llama_token_data_array]:
