@@ -198,6 +198,11 @@ class Planned:
         """The engine, through the process's model manager (shared, budgeted; memory.manager)."""
         return self.acquire().engine
 
+    @property
+    def split(self) -> bool:
+        """Layers go to RPC workers: the model is held by a child process (remote/split.py)."""
+        return bool(self.options.rpc and self.options.n_gpu_layers)
+
     def replan(self, workers: tuple[str, ...]) -> LoadOptions:
         """The load options planned again with only these RPC workers, the other flags as they were (a split
         model goes on without a lost worker); EdgeLLMError when the rest does not fit."""

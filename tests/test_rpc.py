@@ -320,3 +320,22 @@ async def test_the_chat_app_goes_on_when_its_worker_goes_away(engine, tmp_path):
             assert list(app.query(Bubble))[-1].plain == local
             assert f"worker {w.endpoint} went away" in app.query_one(StatusBar).line
         await asyncio.wrap_future(llama_thread().submit(split.close))
+
+
+async def test_the_chat_app_keeps_rpc_for_the_next_model_it_loads(engine, tmp_path):
+    """`edgellm chat --rpc W`: a model picked later in the app is planned with W too (here W is down, so
+    the switch is refused in the status line naming it, and the app stays)."""
+    from edgellm.runtime.sampling import SamplingParams
+    from edgellm.session import ChatSession
+    from edgellm.tui.app import ChatApp
+    from edgellm.tui.history import History
+    from edgellm.tui.widgets import StatusBar
+
+    down = f"127.0.0.1:{free_port()}"
+    engine.reset()
+    app = ChatApp(ChatSession(engine, SamplingParams.greedy_params(), max_tokens=8),
+                  history=History(tmp_path / "history.sqlite"), workers={"rpc": down, "ram": None})
+    async with app.run_test(size=(100, 40)):
+        await app.switch_model(engine.info.path).wait()
+        line = app.query_one(StatusBar).line
+        assert "could not load the model" in line and f"worker {down} is unreachable" in line

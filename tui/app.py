@@ -67,8 +67,10 @@ class ChatApp(App[int]):
                  loader: Callable[[], Engine] | None = None, history: History | None = None,
                  resume: bool = False, draft_gpu_layers: int = 0, stop: tuple[str, ...] = (),
                  prepare: Callable[[], tuple[Path, Planned, Defaults, bool]] | None = None,
-                 manager: ModelManager | None = None) -> None:
+                 manager: ModelManager | None = None, workers: dict[str, str | None] | None = None) -> None:
         """Pass a ready `session`, or a `model` to load in the background (with `settings`).
+
+        `workers`: `--rpc` and `--ram` as `edgellm chat` was given them, for every model picked later too;
 
         `defaults`: the sampling settings in force and their sources, shown on a new chat;
         `embedded`: the model is the small embedded one, so a new chat says how to get a better one;
@@ -94,6 +96,7 @@ class ChatApp(App[int]):
         # where the session's engine came from: the manager's (released when it goes) or loaded here (closed)
         self._held: Loaded | Engine | None = None
         self._prepare = prepare
+        self._rpc_flags = {k: v for k, v in (workers or {}).items() if v is not None}
         self._load_lock = asyncio.Lock()  # loads and draft changes take turns; none is cut short mid-way
         self.loading: Worker | None = None  # the last load started: its worker ends when the model is ready or refused
         self._owns_history = history is None
@@ -192,7 +195,7 @@ class ChatApp(App[int]):
         """`edgellm chat`'s choices: load this model with this plan and these sampling defaults."""
         self._loader = functools.partial(self.manager.acquire, planned.path, planned.request, plan=planned.plan,
                                          **planned.extra)
-        if planned.options.rpc:  # held by a child process: a lost worker costs a pause, not the conversation
+        if planned.split:  # held by a child process: a lost worker costs a pause, not the conversation
             self._loader = planned.load_split
         self._draft_gpu_layers = planned.draft_gpu_layers
         self._defaults, self._embedded = defaults, embedded
@@ -209,8 +212,8 @@ class ChatApp(App[int]):
         draft = self.settings.draft if self.settings.draft in LOOKUP_DRAFTS else "auto"
         self._notes = []
         self.chat.status(f"loading {path.name}…")
-        self.loading = self.load_engine(functools.partial(prepare, FLAGS.namespace(model=str(path), draft=draft),
-                                                          path))
+        flags = FLAGS.namespace(model=str(path), draft=draft, **self._rpc_flags)
+        self.loading = self.load_engine(functools.partial(prepare, flags, path))
         return self.loading
 
     @work(group="load")
@@ -230,6 +233,8 @@ class ChatApp(App[int]):
     @staticmethod
     def _swap_draft(session: ChatSession, draft: str) -> str:
         """(llama thread, so between two replies) Plan the draft, make its speculator, close the old one."""
+        if isinstance(session.engine, SplitEngine):
+            return "off here: the split model's child drafts by lookup where that pays"
         planned = planned_chat(session.engine.path, draft)
         speculator = make_speculator(session.engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers,
                                      watch=default_watch())
@@ -391,10 +396,12 @@ class ChatApp(App[int]):
 
 
 def run_app(prepare: Callable[[], tuple[Path, Planned, Defaults, bool]], resume: bool = False,
-            max_tokens: int = FLAGS.max_tokens, stop: tuple[str, ...] = ()) -> int:
+            max_tokens: int = FLAGS.max_tokens, stop: tuple[str, ...] = (),
+            workers: dict[str, str | None] | None = None) -> int:
     """`edgellm chat` on a terminal: `prepare` (model, plan, defaults) runs behind the first frame."""
     try:
-        return ChatApp(prepare=prepare, resume=resume, settings=ChatSettings(max_tokens=max_tokens), stop=stop).run() or 0
+        return ChatApp(prepare=prepare, resume=resume, settings=ChatSettings(max_tokens=max_tokens), stop=stop,
+                       workers=workers).run() or 0
     finally:
         # released models wait out their keep-alive: unloaded now, on the llama thread, not at interpreter exit
         with contextlib.suppress(TimeoutError):

@@ -41,14 +41,15 @@ def main(a: argparse.Namespace) -> int:
         from edgellm.tui.app import run_app
 
         # the app's first frame does not wait for the model scan, the header read or the memory plan
-        return run_app(functools.partial(prepare, a, explicit), a.resume, a.max_tokens, tuple(a.stop))
+        return run_app(functools.partial(prepare, a, explicit), a.resume, a.max_tokens, tuple(a.stop),
+                       workers={"rpc": a.rpc, "ram": a.ram})
     _, planned, defaults, embedded = prepare(a, explicit)
     if a.resume:
         raise EdgeLLMError("--resume reopens the terminal UI's history: run `edgellm chat --resume` on a terminal, "
                            "without --plain")
     for note in planned.plan.notes:
         print(f"edgellm: {note}", file=sys.stderr)
-    if planned.options.rpc:  # a lost worker costs a pause, not the conversation
+    if planned.split:  # a lost worker costs a pause, not the conversation
         engine = planned.load_split()
         try:
             session = ChatSession(engine, defaults.sampling, a.max_tokens, defaults.system, tuple(a.stop))

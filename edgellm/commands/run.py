@@ -79,7 +79,7 @@ def main(a: argparse.Namespace) -> int:
     for note in planned.plan.notes:
         print(f"edgellm: {note}", file=sys.stderr)
     sampling = defaults.sampling if structured is None else replace(defaults.sampling, grammar=structured)
-    if planned.options.rpc and planned.options.n_gpu_layers:
+    if planned.split:
         return run_split(a, prompt, planned, sampling, defaults, structured is not None)
     engine = planned.load()
     speculator = make_speculator(engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers,

@@ -304,7 +304,7 @@ class Driver:
                 return self._serve(key, job.entry, served.planned, loaded)
             return served
         planned = self._plan(key, job.entry)
-        if planned.options.rpc:
+        if planned.split:
             return self._serve_split(key, job.entry, planned)
         return self._serve(key, job.entry, planned, self._acquire(planned, job.entry))
 
