@@ -117,22 +117,40 @@ def test_an_unreachable_worker_is_named_in_one_line(cli):
 LONG = ("run", "smollm2-135m", "Write a long story about a lighthouse keeper and the sea.", "--temp", "0", "-n", "160")
 
 
-def test_a_worker_killed_mid_reply_costs_a_pause_not_the_reply(cli, tmp_path):
+def run_losing_worker(args: tuple[str, ...], lose=lambda w: w.stop(signal.SIGKILL),
+                      env: dict[str, str] | None = None) -> tuple[int, str, str, str]:
+    """`edgellm ARGS --rpc W`, and `lose(W)` once the reply has begun on W: (exit code, the whole stdout,
+    stderr, W's endpoint)."""
+    with WorkerProcess("--cache", "off") as w:
+        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *args, "--rpc", w.endpoint],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})})
+        assert run.stdout is not None
+        try:
+            first = run.stdout.read1(4096)  # the reply has begun on the worker
+            assert first
+            lose(w)
+            rest, err = run.communicate(timeout=300)
+        finally:
+            w.stop(signal.SIGKILL)
+    return run.returncode, (first + rest).decode(), err.decode(), w.endpoint
+
+
+def one_note(err: str, endpoint: str) -> str:
+    notes = [line for line in err.splitlines() if "went away" in line]
+    assert len(notes) == 1, err
+    assert f"worker {endpoint} went away after" in notes[0] and "here alone" in notes[0]
+    assert "Traceback" not in err
+    return notes[0]
+
+
+def test_a_worker_killed_mid_reply_costs_a_pause_not_the_reply(cli):
     local = cli(*LONG)
     assert local.returncode == 0, local.stderr
-    with WorkerProcess("--cache", "off") as w:
-        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *LONG, "--rpc", w.endpoint, "-ngl", "20"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        assert run.stdout is not None
-        first = run.stdout.read1(4096)  # the reply has begun on the worker
-        assert first
-        w.stop(signal.SIGKILL)
-        rest, err = run.communicate(timeout=300)
-    assert run.returncode == 0, err.decode()
-    assert (first + rest).decode() == local.stdout  # the same greedy text, whole
-    notes = [line for line in err.decode().splitlines() if "went away" in line]
-    assert len(notes) == 1 and f"worker {w.endpoint} went away after" in notes[0] and "here alone" in notes[0]
-    assert "Traceback" not in err.decode()
+    code, text, err, endpoint = run_losing_worker((*LONG, "-ngl", "20"))
+    assert code == 0, err
+    assert text == local.stdout  # the same greedy text, whole
+    one_note(err, endpoint)
 
 
 def test_a_structured_reply_keeps_its_grammar_across_a_lost_worker(cli):
@@ -142,17 +160,10 @@ def test_a_structured_reply_keeps_its_grammar_across_a_lost_worker(cli):
            "-n", "120")
     local = cli(*ask)
     assert local.returncode == 0, local.stderr
-    with WorkerProcess("--cache", "off") as w:
-        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *ask, "--rpc", w.endpoint, "-ngl", "20"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        assert run.stdout is not None
-        first = run.stdout.read1(4096)
-        assert first
-        w.stop(signal.SIGKILL)
-        rest, err = run.communicate(timeout=300)
-    assert run.returncode == 0, err.decode()
-    assert "went away after" in err.decode()
-    assert (first + rest).decode() == local.stdout
+    code, text, err, endpoint = run_losing_worker((*ask, "-ngl", "20"))
+    assert code == 0, err
+    one_note(err, endpoint)
+    assert text == local.stdout
 
 
 def test_a_worker_that_stops_answering_is_left_behind_after_the_stall_limit(cli):
@@ -161,22 +172,11 @@ def test_a_worker_that_stops_answering_is_left_behind_after_the_stall_limit(cli)
     worker found not answering, and the reply goes on here."""
     local = cli(*LONG)
     assert local.returncode == 0, local.stderr
-    with WorkerProcess("--cache", "off") as w:
-        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *LONG, "--rpc", w.endpoint, "-ngl", "20"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               env={**os.environ, "EDGELLM_RPC_STALL_S": "3"})
-        assert run.stdout is not None and w.proc is not None
-        first = run.stdout.read1(4096)
-        assert first
-        w.proc.send_signal(signal.SIGSTOP)
-        try:
-            rest, err = run.communicate(timeout=300)
-        finally:
-            w.stop(signal.SIGKILL)
-    assert run.returncode == 0, err.decode()
-    assert (first + rest).decode() == local.stdout
-    notes = [line for line in err.decode().splitlines() if "went away" in line]
-    assert len(notes) == 1 and f"worker {w.endpoint} went away after" in notes[0] and "here alone" in notes[0]
+    code, text, err, endpoint = run_losing_worker((*LONG, "-ngl", "20"), lose=lambda w: w.proc.send_signal(
+        signal.SIGSTOP), env={"EDGELLM_RPC_STALL_S": "3"})
+    assert code == 0, err
+    assert text == local.stdout
+    one_note(err, endpoint)
 
 
 def test_a_bad_stall_limit_is_refused_in_one_line(cli, worker):
@@ -187,19 +187,11 @@ def test_a_bad_stall_limit_is_refused_in_one_line(cli, worker):
 
 def test_when_the_rest_no_longer_fits_the_reply_ends_in_one_line_and_keeps_its_text(cli):
     local = cli(*LONG)
-    with WorkerProcess("--cache", "off") as w:
-        run = subprocess.Popen([sys.executable, "-m", "edgellm.cli", *LONG, "--rpc", w.endpoint, "--ram", "190M"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        assert run.stdout is not None
-        first = run.stdout.read1(4096)
-        assert first
-        w.stop(signal.SIGKILL)
-        rest, err = run.communicate(timeout=300)
-    assert run.returncode == 1
-    kept = (first + rest).decode()
+    code, kept, err, endpoint = run_losing_worker((*LONG, "--ram", "190M"))
+    assert code == 1
     assert kept.strip() and local.stdout.startswith(kept.rstrip("\n"))  # the text so far, as the local run has it
-    (line,) = err.decode().strip().splitlines()
-    assert f"worker {w.endpoint} went away" in line and "does not fit" in line
+    (line,) = err.strip().splitlines()
+    assert f"worker {endpoint} went away" in line and "does not fit" in line
 
 
 def test_serve_answers_with_layers_on_a_worker(worker, tmp_path):
