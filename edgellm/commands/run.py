@@ -79,45 +79,27 @@ def main(a: argparse.Namespace) -> int:
     for note in planned.plan.notes:
         print(f"edgellm: {note}", file=sys.stderr)
     sampling = defaults.sampling if structured is None else replace(defaults.sampling, grammar=structured)
-    if planned.split:
-        return run_split(a, prompt, planned, sampling, defaults, structured is not None)
-    engine = planned.load()
-    speculator = make_speculator(engine, planned.draft, draft_gpu_layers=planned.draft_gpu_layers,
-                                 watch=default_watch())
+    # a split model is held by a child process (remote/split.py): a lost worker costs a pause, not the reply
+    engine = planned.load_split() if planned.split else planned.load()
+    speculator = None if planned.split else make_speculator(engine, planned.draft, watch=default_watch(),
+                                                            draft_gpu_layers=planned.draft_gpu_layers)
     kwargs = {"sampling": sampling, "max_tokens": a.max_tokens, "speculator": speculator}
-    if a.raw:
-        records = engine.generate(engine.tokenize(prompt), stop=a.stop, **kwargs)
-    else:
-        if not engine.is_chat_model:
-            print(f"edgellm: {engine.info.name} has no chat template (a base model): the prompt goes in ChatML "
-                  "and the reply stops at its markers; --raw completes the text as it is", file=sys.stderr)
-        system = [{"role": "system", "content": defaults.system}] if defaults.system else []
-        records = engine.chat([*system, {"role": "user", "content": prompt}], stop=a.stop, **kwargs)
-    code = report(a, records, planned, defaults, engine.path, engine.is_chat_model, structured is not None)
-    if speculator is not None:
-        speculator.close()
-    process_manager().close()
-    return code
-
-
-def run_split(a: argparse.Namespace, prompt: str, planned, sampling, defaults, structured: bool) -> int:
-    """The model split across RPC workers, held by a child process (edgellm/remote/split.py): a worker that goes
-    away mid-reply costs a pause and a line on stderr, not the reply."""
-    engine = planned.load_split()
     try:
         if a.raw:
-            records = engine.scheduler.generate(engine.tokenize(prompt), sampling=sampling, max_tokens=a.max_tokens,
-                                                stop=a.stop)
+            records = engine.generate(engine.tokenize(prompt), stop=a.stop, **kwargs)
         else:
             if not engine.is_chat_model:
                 print(f"edgellm: {engine.info.name} has no chat template (a base model): the prompt goes in ChatML "
                       "and the reply stops at its markers; --raw completes the text as it is", file=sys.stderr)
             system = [{"role": "system", "content": defaults.system}] if defaults.system else []
-            records = engine.chat([*system, {"role": "user", "content": prompt}], stop=a.stop, sampling=sampling,
-                                  max_tokens=a.max_tokens)
-        return report(a, records, planned, defaults, planned.path, engine.is_chat_model, structured)
+            records = engine.chat([*system, {"role": "user", "content": prompt}], stop=a.stop, **kwargs)
+        return report(a, records, planned, defaults, engine.path, engine.is_chat_model, structured is not None)
     finally:
-        engine.close()
+        if speculator is not None:
+            speculator.close()
+        if planned.split:
+            engine.close()
+        process_manager().close()
 
 
 def report(a: argparse.Namespace, records, planned, defaults, path, chat_template: bool, structured: bool) -> int:

@@ -81,6 +81,18 @@ class Request:
         return self.records[-1].finish_reason if self.records else None
 
 
+def check_prompt(prompt: Sequence[int], cells: int, n_vocab: int) -> None:
+    """A request's prompt fits a slot of `cells` positions and names only tokens of the vocabulary."""
+    if not prompt:
+        raise EdgeLLMError("empty prompt")
+    if len(prompt) >= cells:
+        raise EdgeLLMError(f"the prompt is {len(prompt)} tokens but a slot holds {cells}; "
+                           "use a larger --ctx or fewer slots")
+    bad = next((t for t in prompt if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise EdgeLLMError(f"token {bad} is outside the model's vocabulary of {n_vocab}")
+
+
 class Scheduler:
     """Batches the requests of many sessions on one engine loaded with n_seq_max slots.
 
@@ -121,16 +133,9 @@ class Scheduler:
                cancel: threading.Event | None = None, resume: int = 0) -> Request:
         """`resume`: the last `resume` tokens of `prompt` are the reply's own so far (it goes on in another
         process): its grammar and penalty window take them as generated, not as prompt."""
-        if not prompt:
-            raise EdgeLLMError("empty prompt")
         if not self.accepting:
             raise EdgeLLMError("memory is low: no new sessions until some frees (the running ones go on)")
-        if len(prompt) >= self.cells:
-            raise EdgeLLMError(f"the prompt is {len(prompt)} tokens but a slot holds {self.cells}; "
-                               "use a larger --ctx or fewer slots")
-        bad = next((t for t in prompt if not 0 <= t < self.engine.n_vocab), None)
-        if bad is not None:
-            raise EdgeLLMError(f"token {bad} is outside the model's vocabulary of {self.engine.n_vocab}")
+        check_prompt(prompt, self.cells, self.engine.n_vocab)
         emitter = Emitter(self.engine, len(prompt), self.cells, stop, max_tokens, cancel, ignore_eog)
         request = Request(list(prompt), sampling or SamplingParams(), max_tokens, emitter, session, cancel,
                           resume=max(0, min(resume, len(prompt) - 1)))

@@ -59,7 +59,7 @@ def serve(first: dict[str, Any], commands: queue.SimpleQueue, channel: IO[str]) 
 
     send({"ready": {"n_ctx": engine.n_ctx, "cells": scheduler.cells, "slots": len(scheduler.slots)}})
     flush()
-    tracked: dict[int, tuple[Request, threading.Event]] = {}
+    tracked: dict[int, Request] = {}
     seen: dict[int, int] = {}
     while True:
         busy = bool(scheduler.active or scheduler.waiting)
@@ -71,24 +71,26 @@ def serve(first: dict[str, Any], commands: queue.SimpleQueue, channel: IO[str]) 
                     engine.close()
                     return
                 if "submit" in command:
-                    rid, cancel = int(command["submit"]), threading.Event()
+                    rid = int(command["submit"])
                     try:
-                        request = scheduler.submit(command["tokens"], SamplingParams(**command["sampling"]),
-                                                   int(command["max_tokens"]), ignore_eog=bool(command["ignore_eog"]),
-                                                   cancel=cancel, resume=int(command.get("resume", 0)))
+                        tracked[rid] = scheduler.submit(
+                            command["tokens"], SamplingParams(**command["sampling"]), int(command["max_tokens"]),
+                            ignore_eog=bool(command["ignore_eog"]), cancel=threading.Event(),
+                            resume=int(command.get("resume", 0)))
+                        seen[rid] = 0
                     except EdgeLLMError as e:
                         send({"id": rid, "end": "error", "why": str(e)})
-                    else:
-                        tracked[rid], seen[rid] = (request, cancel), 0
                 elif "cancel" in command and int(command["cancel"]) in tracked:
-                    tracked[int(command["cancel"])][1].set()
+                    cancel = tracked[int(command["cancel"])].cancel
+                    assert cancel is not None
+                    cancel.set()
                 command = commands.get_nowait()
         except queue.Empty:
             pass
         stepped = bool(scheduler.active or scheduler.waiting)
         if stepped:
             scheduler.step()
-        for rid, (request, _) in list(tracked.items()):
+        for rid, request in list(tracked.items()):
             for record in request.records[seen[rid]:]:
                 if record.event:
                     send({"id": rid, "e": record.event})

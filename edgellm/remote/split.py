@@ -28,6 +28,7 @@ from typing import Any
 from edgellm.decoding.emitter import Emitter
 from edgellm.decoding.records import Record
 from edgellm.errors import EdgeLLMError
+from edgellm.memory.scheduler import check_prompt
 from edgellm.runtime.engine import LoadOptions
 from edgellm.runtime.model import Model
 from edgellm.runtime.rpc import RpcError, check, parse_endpoints
@@ -48,6 +49,7 @@ class SplitRequest:
     records: list[Record] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     done: bool = False
+    rid: int = -1  # its id with the current child
 
     @property
     def text(self) -> str:
@@ -201,14 +203,7 @@ class SplitScheduler:
                cancel: threading.Event | None = None) -> SplitRequest:
         if self.broken:
             raise EdgeLLMError(self.broken)
-        if not prompt:
-            raise EdgeLLMError("empty prompt")
-        if len(prompt) >= self.cells:
-            raise EdgeLLMError(f"the prompt is {len(prompt)} tokens but a slot holds {self.cells}; "
-                               "use a larger --ctx or fewer slots")
-        bad = next((t for t in prompt if not 0 <= t < self.vocab.n_vocab), None)
-        if bad is not None:
-            raise EdgeLLMError(f"token {bad} is outside the model's vocabulary of {self.vocab.n_vocab}")
+        check_prompt(prompt, self.cells, self.vocab.n_vocab)
         emitter = Emitter(self.vocab, len(prompt), self.cells, stop, max_tokens, cancel, ignore_eog)
         emitter.prefilled(len(prompt))
         request = SplitRequest(list(prompt), sampling or SamplingParams(), max_tokens, emitter, ignore_eog, cancel)
@@ -233,20 +228,17 @@ class SplitScheduler:
         yield from request.records[seen:]
 
     def _start(self, request: SplitRequest) -> None:
-        rid = self._next_id
-        self._next_id += 1
-        self._ids[rid] = request
-        self._host.send({"submit": rid, "tokens": [*request.prompt, *request.generated],
+        request.rid, self._next_id = self._next_id, self._next_id + 1
+        self._ids[request.rid] = request
+        self._host.send({"submit": request.rid, "tokens": [*request.prompt, *request.generated],
                          "sampling": asdict(request.sampling), "resume": len(request.generated),
                          "max_tokens": request.max_tokens - len(request.generated), "ignore_eog": request.ignore_eog})
 
     def _finish(self, request: SplitRequest, record: Record) -> None:
         request.records.append(record)
         request.done = True
-        for rid, r in list(self._ids.items()):
-            if r is request:
-                del self._ids[rid]
-                self._host.send({"cancel": rid})  # a no-op where the child ended it already
+        if self._ids.pop(request.rid, None) is not None:
+            self._host.send({"cancel": request.rid})  # a no-op where the child ended it already
         self.active = [r for r in self.active if r is not request]
 
     # -- one step ---------------------------------------------------------------------------------
@@ -374,11 +366,15 @@ class SplitEngine:
     def chat_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         return self.weights.chat_tokens(messages, tools)
 
-    def chat(self, messages: list[dict[str, Any]], stop: Sequence[str] = (), sampling: SamplingParams | None = None,
-             max_tokens: int = 256, cancel: threading.Event | None = None, ignore_eog: bool = False,
-             speculator: Any = None) -> Iterator[Record]:
-        return self.scheduler.generate(self.chat_tokens(messages), sampling=sampling, max_tokens=max_tokens,
-                                       stop=[*stop, *self.turn_stops()], cancel=cancel, ignore_eog=ignore_eog)
+    def generate(self, prompt: Sequence[int], sampling: SamplingParams | None = None, max_tokens: int = 256,
+                 stop: Sequence[str] = (), cancel: threading.Event | None = None, ignore_eog: bool = False,
+                 speculator: Any = None) -> Iterator[Record]:
+        """As Engine.generate; `speculator` is not used (the child drafts by lookup where that pays)."""
+        return self.scheduler.generate(prompt, sampling=sampling, max_tokens=max_tokens, stop=stop, cancel=cancel,
+                                       ignore_eog=ignore_eog)
+
+    def chat(self, messages: list[dict[str, Any]], stop: Sequence[str] = (), **kwargs) -> Iterator[Record]:
+        return self.generate(self.chat_tokens(messages), stop=[*stop, *self.turn_stops()], **kwargs)
 
     def reset(self) -> None:
         """A new conversation: nothing to do here (the child's slot keeps only a common prefix)."""

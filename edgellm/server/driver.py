@@ -35,7 +35,7 @@ from edgellm.model_defaults import resolve_defaults
 from edgellm.options import Planned, planned_load, rpc_endpoints
 from edgellm.remote.split import SplitScheduler
 from edgellm.runtime.backend import llama_thread
-from edgellm.runtime.engine import Engine, LoadOptions
+from edgellm.runtime.engine import Engine
 from edgellm.runtime.grammar import check_grammar
 from edgellm.runtime.model import Model
 from edgellm.server.catalog import Entry
@@ -310,11 +310,8 @@ class Driver:
 
     def _serve_split(self, key: tuple[Path, int | None], entry: Entry, planned: Planned) -> Served:
         """A model over RPC workers, in a child process that a lost worker may end: the requests go on."""
-        def replan(workers: tuple[str, ...]) -> LoadOptions:
-            return self._plan(key, entry, ",".join(workers)).options
-
         try:
-            scheduler = SplitScheduler(planned.path, planned.options, replan, notify=self._wake.set)
+            scheduler = SplitScheduler(planned.path, planned.options, planned.replan, notify=self._wake.set)
         except EdgeLLMError as e:
             raise ServeError(f"{entry.name} cannot be loaded now: {e}", 503, retry_after=30) from e
         served = Served(key, entry.name, planned, None, scheduler, held=False, keep_alive_s=self.settings.keep_alive_s)
@@ -332,11 +329,10 @@ class Driver:
         self._drop_evicted()
         return served
 
-    def _plan(self, key: tuple[Path, int | None], entry: Entry, rpc: str | None = None) -> Planned:
-        """`rpc`: these workers instead of the settings' (those still there: a worker lost once is left out)."""
+    def _plan(self, key: tuple[Path, int | None], entry: Entry) -> Planned:
+        """The settings' workers, less those lost once (a later load plans without them)."""
         s = self.settings
-        if rpc is None:
-            rpc = ",".join(w for w in rpc_endpoints(argparse.Namespace(rpc=s.rpc)) if w not in self.workers_lost)
+        rpc = ",".join(w for w in rpc_endpoints(argparse.Namespace(rpc=s.rpc)) if w not in self.workers_lost)
         flags = argparse.Namespace(ctx=key[1], threads=s.threads, gpu_layers=s.gpu_layers, batch=512,
                                    kv_type=s.kv_type, mmap=False, draft=s.draft, rpc=rpc, ram=s.ram)
         try:
